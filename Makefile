@@ -1,0 +1,35 @@
+# Every target installs what it needs first (idempotent), so each works on a bare checkout.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: install run test bench loadtest lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -e '.[train,bench,dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/python -m ifa_common.quickstart
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/ifa-rank bench
+
+loadtest: install
+	$(BIN)/python -m loadtest.run
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy ifa_common service model_export loadtest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
