@@ -52,13 +52,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model/train config field, e.g. --set feature_map=elu")
-    p.set_defaults(func=_lazy("model_export.commands:train"))
+    p.set_defaults(func=_lazy("model_export.train:main"))
 
     e = sub.add_parser("evaluate", help="metrics of a saved checkpoint on a data set's test split")
     e.add_argument("checkpoint")
     e.add_argument("--data", default="movielens")
     e.add_argument("--split", default="test", choices=["valid", "test"])
-    e.set_defaults(func=_lazy("model_export.commands:evaluate"))
+    e.set_defaults(func=_lazy("model_export.evaluate:main"))
 
     c = sub.add_parser("compare", help="train several models with one seed and budget; table + chart")
     c.add_argument("--data", default="movielens")
@@ -68,7 +68,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     c.add_argument("--epochs", type=int, default=None)
     c.add_argument("--seeds", default="0", help="comma-separated seeds; the table shows the mean")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    c.set_defaults(func=_lazy("model_export.commands:compare"))
+    c.set_defaults(func=_lazy("model_export.compare:main"))
 
     x = sub.add_parser("export", help="export an ifa checkpoint to artifacts/<version>/ (ONNX)")
     x.add_argument("checkpoint")

@@ -1,0 +1,106 @@
+"""Multi-head linear cross attention between a candidate set and a user's events.
+
+    K_i = phi(W_k e_i),  V_i = W_v e_i,  Q_j = phi(W_q c_j)
+    S_h = sum_i w_ih K_ih V_ihᵀ,  z_h = sum_i w_ih K_ih,  o_jh = Q_jhᵀ S_h / (Q_jhᵀ z_h + eps)
+
+with w_ih = exp(-lambda_h (t_ref - t_i)). The state is kept relative to a per-head
+log-scale m_h (true sums = exp(m_h) * S_h; see ifa_common/state.py), which absorbs the
+decay of the newest event and, for the exp map, the largest log-feature, so every
+stored weight is <= 1 and the state stays finite in float32 for any history length and
+time gap. Written with matmul / reshape / amax only, so ONNX export keeps N, M, B dynamic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ifa_common.state import EMPTY_LOG_SCALE
+
+from .config import ModelConfig
+from .feature_maps import make_feature_map
+
+MASS_CLAMP = 20.0  # |log attention mass| fed to the head is clamped to this
+
+
+class LinearCrossAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads, self.d_head, self.eps = cfg.heads, cfg.d_head, cfg.eps
+        hd = cfg.heads * cfg.d_head
+        self.k_proj = nn.Linear(cfg.d_model, hd)
+        self.v_proj = nn.Linear(cfg.d_model, hd)
+        self.q_proj = nn.Linear(cfg.d_model, hd)
+        self.phi_k = make_feature_map(cfg)  # keys and queries get their own (hedgehog) maps
+        self.phi_q = make_feature_map(cfg)
+        decay = torch.as_tensor(cfg.decay_per_second, dtype=torch.float32)
+        self.register_buffer("decay", decay)  # (H,) per second
+
+    def keys_values(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Events (N, C) -> key features (N, H, F) (log phi for the exp map), values (N, H, D)."""
+        n = e.shape[0]
+        k = self.k_proj(e).view(n, self.heads, self.d_head)  # (N, H, d)
+        v = self.v_proj(e).view(n, self.heads, self.d_head)  # (N, H, D)
+        return self.phi_k(k), v
+
+    def state_from(
+        self, kf: torch.Tensor, v: torch.Tensor, ts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Key features (N, H, F), values (N, H, D), ts (N,) long -> (S, z, m, t_ref).
+
+        N = 0 gives S = z = 0, m = EMPTY_LOG_SCALE, t_ref = 0 without any branch.
+        """
+        h = self.heads
+        t_ref = torch.cat([ts, ts.new_zeros(1)]).amax()  # () long; 0 when empty
+        gap = (t_ref - ts).to(torch.float32)  # (N,) int64 difference first, then float
+        logw = -gap.unsqueeze(1) * self.decay  # (N, H)
+        empty = torch.full((h, 1), EMPTY_LOG_SCALE, dtype=logw.dtype, device=logw.device)
+        if self.phi_k.log_domain:
+            lw = logw.unsqueeze(2) + kf  # (N, H, F) log weight of each feature
+            flat = lw.transpose(0, 1).flatten(1)  # (H, N*F)
+            m = torch.cat([flat.detach(), empty], dim=1).amax(dim=1)  # (H,)
+            kw = torch.exp(lw - m.view(1, h, 1))  # (N, H, F), every entry <= 1
+        else:
+            m = torch.cat([logw.transpose(0, 1).detach(), empty], dim=1).amax(dim=1)  # (H,)
+            kw = kf * torch.exp(logw - m.view(1, h)).unsqueeze(2)  # (N, H, F)
+        S = torch.matmul(kw.permute(1, 2, 0), v.transpose(0, 1))  # (H, F, N) @ (H, N, D) -> (H, F, D)
+        z = kw.sum(dim=0)  # (H, F)
+        return S, z, m, t_ref
+
+    def build_state(
+        self, e: torch.Tensor, ts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Event vectors (N, C), ts (N,) long -> (S (H,F,D), z (H,F), m (H,), t_ref () long)."""
+        kf, v = self.keys_values(e)
+        return self.state_from(kf, v, ts)
+
+    def read(
+        self,
+        S: torch.Tensor,
+        z: torch.Tensor,
+        m: torch.Tensor,
+        n: torch.Tensor,
+        c: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """States S (B,H,F,D), z (B,H,F), m (B,H), n (B,) and candidate tokens c (B,M,C)
+        -> readout o (B,M,H,D) and log attention mass (B,M,H).
+
+        The mass is log(true phi(q).z) - log1p(n): how much of the history the candidate
+        matches, which the ratio o alone cannot show.
+        """
+        b, mc = c.shape[0], c.shape[1]
+        q = self.q_proj(c).view(b, mc, self.heads, self.d_head)  # (B, M, H, d)
+        qf = self.phi_q(q)  # (B, M, H, F)
+        if self.phi_q.log_domain:
+            shift = qf.amax(dim=-1, keepdim=True).detach()  # (B, M, H, 1); cancels in the ratio
+            qf = torch.exp(qf - shift)
+        else:
+            shift = torch.zeros_like(qf[..., :1])  # (B, M, H, 1)
+        qf = qf.transpose(1, 2)  # (B, H, M, F)
+        num = torch.matmul(qf, S)  # (B, H, M, D)
+        den = torch.matmul(qf, z.unsqueeze(-1))  # (B, H, M, 1)
+        o = (num / (den + self.eps)).transpose(1, 2)  # (B, M, H, D)
+        log_den = torch.log(den.clamp_min(1e-30)).squeeze(-1).transpose(1, 2)  # (B, M, H)
+        log_n = torch.log1p(n.to(S.dtype)).view(b, 1, 1)  # (B, 1, 1)
+        mass = log_den + shift.squeeze(-1) + m.unsqueeze(1) - log_n  # (B, M, H)
+        return o, mass.clamp(-MASS_CLAMP, MASS_CLAMP)

@@ -1,0 +1,377 @@
+"""The serving side of the model: two ONNX Runtime sessions and the numpy state contract.
+
+    rt = ModelRuntime.load(artifacts_dir, version=None, intra_op_threads=1, prefer_cuda=True)
+    partial = rt.build_state(events)          # EVENT_DTYPE (N,), any N >= 0
+    state = rt.fold(cached, partial)          # exact: same `fold` as training and tests
+    logits = rt.score(state, items)           # int64 (M,) raw item ids -> float32 (M,)
+
+Raw ids are bucketed here with `ifa_common.hashing` (the graphs take bucket indices);
+unknown categories (-1) are looked up in the artifact's item table. No torch, no
+`model_export`, no web framework: this module must import in the serving image.
+Every method is safe to call from several threads at once (ORT sessions are, and the
+runtime holds no per-call mutable state).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import onnxruntime as ort
+
+from ifa_common import hashing
+from ifa_common.manifest import (
+    ArtifactError,
+    ArtifactWrongModel,
+    load_manifest,
+    resolve_version,
+    verify_files,
+)
+from ifa_common.records import EVENT_DTYPE
+from ifa_common.state import UserState, deserialize, fold, serialize
+
+log = logging.getLogger(__name__)
+
+STATE_GRAPH: Final = "state.onnx"
+SCORER_GRAPH: Final = "scorer.onnx"
+ITEMS_FILE: Final = "items.npz"
+STATE_INPUTS: Final = ("item", "category", "action", "ts")
+STATE_OUTPUTS: Final = ("S", "z", "m", "t_ref")
+SCORER_INPUTS: Final = ("S", "z", "m", "n", "item", "category", "mask")
+SCORER_OUTPUTS: Final = ("logits",)
+# Events per state.onnx call; longer histories are built chunk by chunk and folded, which
+# keeps the graph's intermediates bounded (N x H x (F + D) floats) at no measurable cost.
+DEFAULT_CHUNK_EVENTS: Final = 65_536
+_CUDA: Final = "CUDAExecutionProvider"
+_CPU: Final = "CPUExecutionProvider"
+
+
+class ModelRuntime:
+    """A loaded, verified artifact version. Build with `ModelRuntime.load`."""
+
+    def __init__(
+        self,
+        *,
+        version_dir: Path,
+        manifest: dict[str, Any],
+        state_session: ort.InferenceSession,
+        scorer_session: ort.InferenceSession,
+        item_ids: np.ndarray,
+        item_categories: np.ndarray,
+        chunk_events: int = DEFAULT_CHUNK_EVENTS,
+    ) -> None:
+        self.version_dir = version_dir
+        self.manifest = manifest
+        self.version: str = str(manifest["version"])
+        dims = manifest["dims"]
+        self.dims: tuple[int, int, int] = (
+            int(dims["heads"]),
+            int(dims["d_phi"]),
+            int(dims["d_head"]),
+        )
+        self.decay: np.ndarray = np.asarray(dims["decay_per_second"], dtype=np.float64)
+        self._item_buckets = int(dims["item_buckets"])
+        self._category_buckets = int(dims["category_buckets"])
+        self._action_buckets = int(dims["action_buckets"])
+        self._state = state_session
+        self._scorer = scorer_session
+        self._item_ids = item_ids
+        self._item_categories = item_categories
+        self._chunk = max(1, int(chunk_events))
+        self.providers: list[str] = list(scorer_session.get_providers())
+        self.provider: str = "cuda" if _CUDA in self.providers else "cpu"
+        # Per-event and fixed cost of build_state in ms; replaced by `warmup`'s measurement.
+        self._build_fixed_ms = 0.5
+        self._build_per_event_ms = 0.002
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        artifacts_dir: str | Path,
+        version: str | None = None,
+        intra_op_threads: int = 1,
+        prefer_cuda: bool = True,
+        allow_spinning: bool = False,
+        chunk_events: int = DEFAULT_CHUNK_EVENTS,
+    ) -> ModelRuntime:
+        """Resolve `version` (None/"latest": the `latest` pointer) inside `artifacts_dir`."""
+        version_dir = resolve_version(Path(artifacts_dir), version)
+        rt = cls.load_dir(
+            version_dir,
+            intra_op_threads=intra_op_threads,
+            prefer_cuda=prefer_cuda,
+            allow_spinning=allow_spinning,
+            chunk_events=chunk_events,
+        )
+        if rt.version != version_dir.name:
+            raise ArtifactError(
+                f"{version_dir}: manifest version {rt.version!r} does not match its directory"
+            )
+        return rt
+
+    @classmethod
+    def load_dir(
+        cls,
+        version_dir: str | Path,
+        intra_op_threads: int = 1,
+        prefer_cuda: bool = True,
+        allow_spinning: bool = False,
+        chunk_events: int = DEFAULT_CHUNK_EVENTS,
+    ) -> ModelRuntime:
+        """Load one version directory (used by the exporter to check a fresh export)."""
+        version_dir = Path(version_dir)
+        manifest = load_manifest(version_dir)
+        # Integrity first: nothing is parsed or handed to ORT before every sha256 matches.
+        verify_files(version_dir, manifest)
+        for key in ("version", "dims", "graphs", "files"):
+            if key not in manifest:
+                raise ArtifactError(f"{version_dir}: manifest lacks {key!r}")
+        for name in (STATE_GRAPH, SCORER_GRAPH, ITEMS_FILE):
+            if name not in manifest["files"]:
+                raise ArtifactError(f"{version_dir}: manifest does not list {name}")
+        options = session_options(intra_op_threads, allow_spinning)
+        providers = [_CUDA, _CPU] if prefer_cuda and _CUDA in ort.get_available_providers() else [_CPU]
+        state = _session(version_dir / STATE_GRAPH, options, providers)
+        scorer = _session(version_dir / SCORER_GRAPH, options, providers)
+        _check_io(state, STATE_INPUTS, STATE_OUTPUTS, STATE_GRAPH)
+        _check_io(scorer, SCORER_INPUTS, SCORER_OUTPUTS, SCORER_GRAPH)
+        item_ids, item_categories = _load_items(version_dir / ITEMS_FILE)
+        rt = cls(
+            version_dir=version_dir,
+            manifest=manifest,
+            state_session=state,
+            scorer_session=scorer,
+            item_ids=item_ids,
+            item_categories=item_categories,
+            chunk_events=chunk_events,
+        )
+        log.info("loaded model %s on %s (%s)", rt.version, rt.provider, ",".join(rt.providers))
+        return rt
+
+    # ------------------------------------------------------------------ states
+    def empty_state(self) -> UserState:
+        return UserState.empty(*self.dims)
+
+    def lookup_categories(self, items: np.ndarray) -> np.ndarray:
+        """Raw item ids -> raw category ids from the item table; -1 where unknown."""
+        items = np.asarray(items, dtype=np.int64)
+        ids = self._item_ids
+        if ids.size == 0:
+            return np.full(items.shape, -1, np.int64)
+        idx = np.searchsorted(ids, items)
+        np.minimum(idx, ids.size - 1, out=idx)
+        return np.where(ids[idx] == items, self._item_categories[idx], -1)
+
+    def build_state(self, events: np.ndarray) -> UserState:
+        """A partial state from events (EVENT_DTYPE, time order not required), any N >= 0."""
+        if events.dtype != EVENT_DTYPE:
+            raise TypeError(f"expected EVENT_DTYPE events, got {events.dtype}")
+        n = int(events.shape[0])
+        if n <= self._chunk:
+            return self._build_chunk(events)
+        state = self._build_chunk(events[: self._chunk])
+        for start in range(self._chunk, n, self._chunk):
+            state = fold(state, self._build_chunk(events[start : start + self._chunk]), self.decay)
+        return state
+
+    def _build_chunk(self, events: np.ndarray) -> UserState:
+        items = events["item_id"]
+        cats = events["category"]
+        unknown = cats < 0
+        if unknown.any():
+            cats = np.where(unknown, self.lookup_categories(items), cats)
+        feeds = {
+            "item": hashing.item_bucket(items, self._item_buckets),
+            "category": hashing.category_bucket(cats, self._category_buckets),
+            "action": hashing.action_bucket(events["action"], self._action_buckets),
+            "ts": np.ascontiguousarray(events["ts"], dtype=np.int64),
+        }
+        S, z, m, t_ref = self._state.run(None, feeds)
+        return UserState(S=S, z=z, m=m, t_ref=int(t_ref), n=int(events.shape[0]))
+
+    def fold(self, state: UserState, partial: UserState) -> UserState:
+        return fold(state, partial, self.decay)
+
+    def serialize_state(self, state: UserState) -> bytes:
+        return serialize(state, self.version)
+
+    def deserialize_state(self, buf: bytes) -> UserState:
+        """Raises StateVersionMismatch for a state of another model version."""
+        return deserialize(buf, self.version, self.dims)
+
+    # ------------------------------------------------------------------ scoring
+    def _candidates(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        items = np.asarray(items, dtype=np.int64)
+        if items.ndim != 1:
+            raise ValueError(f"items must be 1-D, got shape {items.shape}")
+        cats = self.lookup_categories(items)
+        return (
+            hashing.item_bucket(items, self._item_buckets),
+            hashing.category_bucket(cats, self._category_buckets),
+        )
+
+    def score(self, state: UserState, items: np.ndarray) -> np.ndarray:
+        """Raw candidate item ids (M,) -> float32 logits (M,)."""
+        item_b, cat_b = self._candidates(items)
+        m = item_b.shape[0]
+        if m == 0:
+            return np.zeros(0, np.float32)
+        feeds = {
+            "S": state.S[None],
+            "z": state.z[None],
+            "m": state.m[None],
+            "n": np.array([state.n], np.int64),
+            "item": item_b[None],
+            "category": cat_b[None],
+            "mask": np.ones((1, m), np.bool_),
+        }
+        (logits,) = self._scorer.run(SCORER_OUTPUTS, feeds)
+        return logits[0]
+
+    def score_batch(
+        self, states: Sequence[UserState], items: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
+        """Several users in one scorer call; candidate sets are padded to a common M."""
+        if len(states) != len(items):
+            raise ValueError(f"{len(states)} states but {len(items)} candidate sets")
+        if not states:
+            return []
+        prepared = [self._candidates(x) for x in items]
+        sizes = [p[0].shape[0] for p in prepared]
+        width = max(sizes)
+        if width == 0:
+            return [np.zeros(0, np.float32) for _ in sizes]
+        b = len(states)
+        item_b = np.zeros((b, width), np.int64)
+        cat_b = np.zeros((b, width), np.int64)
+        mask = np.zeros((b, width), np.bool_)
+        for row, ((it, ca), size) in enumerate(zip(prepared, sizes, strict=True)):
+            item_b[row, :size] = it
+            cat_b[row, :size] = ca
+            mask[row, :size] = True
+        feeds = {
+            "S": np.stack([s.S for s in states]),
+            "z": np.stack([s.z for s in states]),
+            "m": np.stack([s.m for s in states]),
+            "n": np.array([s.n for s in states], np.int64),
+            "item": item_b,
+            "category": cat_b,
+            "mask": mask,
+        }
+        (logits,) = self._scorer.run(SCORER_OUTPUTS, feeds)
+        return [logits[row, :size] for row, size in enumerate(sizes)]
+
+    # ------------------------------------------------------------------ warm-up
+    def warmup(
+        self,
+        candidate_counts: Iterable[int] = (1, 100, 500, 1000, 2000),
+        build_sizes: Sequence[int] = (256, 4096),
+        repeats: int = 3,
+    ) -> dict[str, float]:
+        """Run every graph at representative sizes (first calls allocate) and measure
+        build_state's per-event cost for `estimate_build_ms`. Returns timings in ms."""
+        rng = np.random.default_rng(0)
+        timings: dict[str, float] = {}
+        for n in (0, *build_sizes):
+            events = _synthetic_events(rng, n)
+            self.build_state(events)
+            timings[f"build_state_{n}"] = _median_ms(lambda ev=events: self.build_state(ev), repeats)
+        state = self.build_state(_synthetic_events(rng, 64))
+        for m in candidate_counts:
+            items = rng.integers(0, 1 << 40, size=int(m), dtype=np.int64)
+            self.score(state, items)
+            timings[f"score_{m}"] = _median_ms(lambda it=items: self.score(state, it), repeats)
+        if len(build_sizes) >= 2:
+            lo, hi = min(build_sizes), max(build_sizes)
+            t_lo, t_hi = timings[f"build_state_{lo}"], timings[f"build_state_{hi}"]
+            per_event = max((t_hi - t_lo) / max(hi - lo, 1), 1e-6)
+            self._build_per_event_ms = per_event
+            self._build_fixed_ms = max(t_lo - per_event * lo, 0.0)
+        return timings
+
+    def estimate_build_ms(self, n_events: int) -> float:
+        """Expected build_state time for n events (after `warmup`; a guess before)."""
+        if n_events <= 0:
+            return 0.0
+        calls = -(-int(n_events) // self._chunk)
+        return calls * self._build_fixed_ms + n_events * self._build_per_event_ms
+
+
+def session_options(intra_op_threads: int, allow_spinning: bool = False) -> ort.SessionOptions:
+    """Explicit threading for a service that runs several sessions side by side."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, int(intra_op_threads))
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning: after each op, ORT's pool threads busy-wait for more work instead of
+    # sleeping. That saves microseconds for one process that owns the machine, but here
+    # several executor workers (each with its own pool) share a few cores with the event
+    # loop and Redis client, and spinning threads steal those cores and raise tail
+    # latency under load. Off by default; a setting for a dedicated box.
+    flag = "1" if allow_spinning else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", flag)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", flag)
+    return opts
+
+
+def _session(
+    path: Path, options: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as e:  # a CUDA provider that fails to initialise: retry on CPU
+        if providers == [_CPU]:
+            raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {e}") from e
+        log.warning("CUDA session for %s failed (%s); falling back to CPU", path.name, e)
+        return _session(path, options, [_CPU])
+
+
+def _check_io(
+    sess: ort.InferenceSession, inputs: Sequence[str], outputs: Sequence[str], name: str
+) -> None:
+    got_in = tuple(i.name for i in sess.get_inputs())
+    got_out = tuple(o.name for o in sess.get_outputs())
+    if set(got_in) != set(inputs) or set(got_out) != set(outputs):
+        raise ArtifactError(
+            f"{name}: graph inputs {got_in} / outputs {got_out} do not match the contract "
+            f"{tuple(inputs)} / {tuple(outputs)}"
+        )
+
+
+def _load_items(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        ids = np.asarray(npz["item_id"], dtype=np.int64)
+        cats = np.asarray(npz["category"], dtype=np.int64)
+    if ids.shape != cats.shape or ids.ndim != 1:
+        raise ArtifactError(f"{path.name}: item_id and category must be 1-D of one length")
+    if ids.size > 1 and np.any(ids[1:] < ids[:-1]):
+        order = np.argsort(ids, kind="stable")
+        ids, cats = ids[order], cats[order]
+    return ids, cats
+
+
+def _synthetic_events(rng: np.random.Generator, n: int) -> np.ndarray:
+    ev = np.zeros(n, EVENT_DTYPE)
+    ev["item_id"] = rng.integers(0, 1 << 40, size=n)
+    ev["category"] = -1
+    ev["ts"] = 1_700_000_000 + np.arange(n, dtype=np.int64) * 60
+    ev["action"] = rng.integers(0, 4, size=n)
+    return ev
+
+
+def _median_ms(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+__all__ = ["ArtifactError", "ArtifactWrongModel", "ModelRuntime", "session_options"]
