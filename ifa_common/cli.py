@@ -92,11 +92,29 @@ def _add_service(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     d.add_argument("--items", type=int, default=20_000)
     d.add_argument("--prefix", default="bench", help="user id prefix")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--length-dist", default="fixed", choices=["fixed", "loguniform"],
+                   help="loguniform: each user's length in [--min-length, --length]")
+    d.add_argument("--min-length", type=int, default=1000)
+    d.add_argument("--categories", type=int, default=200, help="category = item_id %% this")
+    d.add_argument("--data", default=None,
+                   help="MovieLens generic-format file (default: data/ml-100k/ml100k.parquet)")
+    d.add_argument("--via-http", default=None, metavar="URL",
+                   help="POST batches to URL/events (idempotent) instead of writing Redis")
+    d.add_argument("--append", action="store_true",
+                   help="keep existing histories (default: reset the seeded users first)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=_lazy("loadtest.seed:main"))
 
     b = sub.add_parser("bench", help="benchmark: in-process model costs and HTTP latency")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", default="reports")
+    b.add_argument("--client", default="auto", choices=["auto", "wrk", "pyclient"],
+                   help="HTTP load generator (auto: the one with the higher ceiling)")
+    b.add_argument("--artifacts", default=None, help="artifacts dir (default: IFA_ARTIFACTS_DIR)")
+    b.add_argument("--repeats", type=int, default=None, help="runs per figure (median)")
+    b.add_argument("--duration", type=float, default=None, help="seconds per load run")
+    b.add_argument("--skip-micro", action="store_true", help="no in-process model costs")
+    b.add_argument("--skip-http", action="store_true", help="no end-to-end HTTP figures")
     b.set_defaults(func=_lazy("loadtest.bench:main"))
 
 

@@ -31,6 +31,7 @@ class ModelConfig:
     last_n: int = 100  # din: events attended
     top_k: int = 100  # sim_hard / twin: events kept per candidate
     eps: float = 1e-6  # linear-attention denominator guard
+    exp_key_cap: float = 30.0  # ifa exp map: key log-features soft-capped to +-cap (float32 range)
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_TYPES:

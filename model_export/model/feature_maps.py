@@ -30,12 +30,23 @@ class EluMap(FeatureMap):
 
 
 class ExpMap(FeatureMap):
-    """Elementwise exp(x); forward gives log phi = x, shifted by the caller; F = d."""
+    """Elementwise exp(x); forward gives log phi = x, shifted by the caller; F = d.
+
+    With `cap`, log phi = cap * tanh(x / cap) (keys): the features of one head then span
+    at most 2 * cap in log space, which a per-head log-scale m keeps representable in
+    float32 (e^-2cap >> float32's smallest normal for cap = 30).
+    """
 
     log_domain = True
 
+    def __init__(self, cap: float | None = None) -> None:
+        super().__init__()
+        self.cap = cap
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        if self.cap is None:
+            return x
+        return self.cap * torch.tanh(x / self.cap)
 
 
 class HedgehogMap(FeatureMap):
@@ -66,11 +77,12 @@ class TaylorMap(FeatureMap):
         return torch.cat([torch.ones_like(x[..., :1]), x, outer], dim=-1)  # (..., H, 1+d+d*d)
 
 
-def make_feature_map(cfg: ModelConfig) -> FeatureMap:
+def make_feature_map(cfg: ModelConfig, keys: bool) -> FeatureMap:
+    """phi for the key side (keys=True) or the query side of cfg.feature_map."""
     if cfg.feature_map == "elu":
         return EluMap()
     if cfg.feature_map == "exp":
-        return ExpMap()
+        return ExpMap(cfg.exp_key_cap if keys else None)
     if cfg.feature_map == "hedgehog":
         return HedgehogMap(cfg.heads, cfg.d_head)
     if cfg.feature_map == "taylor":

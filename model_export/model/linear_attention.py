@@ -21,9 +21,12 @@ from .config import ModelConfig
 from .feature_maps import make_feature_map
 
 MASS_CLAMP = 20.0  # |log attention mass| fed to the head is clamped to this
+TINY = 1.0e-30  # floor of z in the exp map's query shift (keeps exp(q - shift) < e^70)
 
 
 class LinearCrossAttention(nn.Module):
+    decay: torch.Tensor  # (H,) float32 buffer, decay rate per second of each head
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.heads, self.d_head, self.eps = cfg.heads, cfg.d_head, cfg.eps
@@ -31,8 +34,8 @@ class LinearCrossAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, hd)
         self.v_proj = nn.Linear(cfg.d_model, hd)
         self.q_proj = nn.Linear(cfg.d_model, hd)
-        self.phi_k = make_feature_map(cfg)  # keys and queries get their own (hedgehog) maps
-        self.phi_q = make_feature_map(cfg)
+        self.phi_k = make_feature_map(cfg, keys=True)  # keys and queries: own (hedgehog) maps
+        self.phi_q = make_feature_map(cfg, keys=False)
         decay = torch.as_tensor(cfg.decay_per_second, dtype=torch.float32)
         self.register_buffer("decay", decay)  # (H,) per second
 
@@ -51,7 +54,7 @@ class LinearCrossAttention(nn.Module):
         N = 0 gives S = z = 0, m = EMPTY_LOG_SCALE, t_ref = 0 without any branch.
         """
         h = self.heads
-        t_ref = torch.cat([ts, ts.new_zeros(1)]).amax()  # () long; 0 when empty
+        t_ref = torch.cat([ts, ts.new_zeros(1)]).amax(dim=0)  # () long; 0 when empty
         gap = (t_ref - ts).to(torch.float32)  # (N,) int64 difference first, then float
         logw = -gap.unsqueeze(1) * self.decay  # (N, H)
         empty = torch.full((h, 1), EMPTY_LOG_SCALE, dtype=logw.dtype, device=logw.device)
@@ -63,7 +66,9 @@ class LinearCrossAttention(nn.Module):
         else:
             m = torch.cat([logw.transpose(0, 1).detach(), empty], dim=1).amax(dim=1)  # (H,)
             kw = kf * torch.exp(logw - m.view(1, h)).unsqueeze(2)  # (N, H, F)
-        S = torch.matmul(kw.permute(1, 2, 0), v.transpose(0, 1))  # (H, F, N) @ (H, N, D) -> (H, F, D)
+        S = torch.matmul(
+            kw.permute(1, 2, 0), v.transpose(0, 1)
+        )  # (H, F, N) @ (H, N, D) -> (H, F, D)
         z = kw.sum(dim=0)  # (H, F)
         return S, z, m, t_ref
 
@@ -92,7 +97,10 @@ class LinearCrossAttention(nn.Module):
         q = self.q_proj(c).view(b, mc, self.heads, self.d_head)  # (B, M, H, d)
         qf = self.phi_q(q)  # (B, M, H, F)
         if self.phi_q.log_domain:
-            shift = qf.amax(dim=-1, keepdim=True).detach()  # (B, M, H, 1); cancels in the ratio
+            # shift by the largest term of phi(q).z itself, so the dominant term is exactly 1
+            # however far apart q and the state's scale are; it cancels in the ratio.
+            log_z = torch.log(z.clamp_min(TINY)).unsqueeze(1)  # (B, 1, H, F)
+            shift = (qf + log_z).amax(dim=-1, keepdim=True).detach()  # (B, M, H, 1)
             qf = torch.exp(qf - shift)
         else:
             shift = torch.zeros_like(qf[..., :1])  # (B, M, H, 1)
@@ -100,7 +108,7 @@ class LinearCrossAttention(nn.Module):
         num = torch.matmul(qf, S)  # (B, H, M, D)
         den = torch.matmul(qf, z.unsqueeze(-1))  # (B, H, M, 1)
         o = (num / (den + self.eps)).transpose(1, 2)  # (B, M, H, D)
-        log_den = torch.log(den.clamp_min(1e-30)).squeeze(-1).transpose(1, 2)  # (B, M, H)
+        log_den = torch.log(den.clamp_min(TINY)).squeeze(-1).transpose(1, 2)  # (B, M, H)
         log_n = torch.log1p(n.to(S.dtype)).view(b, 1, 1)  # (B, 1, 1)
         mass = log_den + shift.squeeze(-1) + m.unsqueeze(1) - log_n  # (B, M, H)
         return o, mass.clamp(-MASS_CLAMP, MASS_CLAMP)

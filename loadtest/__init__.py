@@ -1,0 +1,1 @@
+"""Seeding, load generation, the benchmark and the locust scenarios."""

@@ -1,0 +1,537 @@
+"""`ifa-rank bench` (`make bench`): model costs in process and end-to-end HTTP latency.
+
+One run writes `<out>/bench.json` (every figure, machine, versions, settings), the
+readable `<out>/bench.md` and PNG plots. Two parts:
+
+1. In process (`loadtest.microbench.run_microbench`): build_state vs N, fold of 100
+   events, score vs M and torch `softmax_full` at the same dims, with the ratios
+   softmax_full / ifa_warm and softmax_full / ifa_cold.
+2. HTTP on loopback against a real service process (uvicorn, uvloop, httptools) with its
+   own throwaway redis-server, seeded with users of N = 100,000 events: warm /rank at
+   M = 500 under closed-loop load at concurrency 1 and 8, /healthz of the same app in the
+   same runs (interleaved, so drift hits both alike), cold /rank for never-seen users, a
+   refresh after 100 new events, the service's own stage timings, its CPU per request
+   and its memory before and after.
+
+Every figure is the median over `repeats` runs, each after a warm-up. The load generator
+is wrk or the asyncio client of `loadtest.httpload`, whichever costs less CPU per request
+against /healthz (its ceiling is reported; on a 2-core box the generator's CPU is taken
+from the server's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtest import httpload, wrk
+from loadtest.server import LocalService, http_json
+from loadtest.sysinfo import machine_info, proc_cpu_s, proc_rss_mib, versions
+
+log = logging.getLogger("loadtest.bench")
+
+REPORT_FORMAT = 1
+FIGURES = ("p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms", "rps")
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    quick: bool
+    repeats: int
+    duration_s: float
+    warmup_s: float
+    n_events: int = 100_000
+    m: int = 500
+    warm_users: int = 8
+    bodies_per_user: int = 4
+    cold_requests: int = 20
+    cold_warmup: int = 2
+    refresh_requests: int = 10
+    items: int = 20_000
+    concurrency: tuple[int, ...] = (1, 8)
+
+    @classmethod
+    def make(
+        cls, quick: bool, repeats: int | None = None, duration: float | None = None
+    ) -> BenchPlan:
+        if quick:
+            return cls(
+                quick=True,
+                repeats=repeats or 3,
+                duration_s=duration or 3.0,
+                warmup_s=1.0,
+                cold_requests=8,
+                refresh_requests=5,
+            )
+        return cls(
+            quick=False,
+            repeats=repeats or 5,
+            duration_s=duration or 10.0,
+            warmup_s=2.0,
+            cold_requests=30,
+            refresh_requests=20,
+        )
+
+
+# ---------------------------------------------------------------------- in process
+def inprocess(quick: bool, artifacts: str) -> dict[str, Any]:
+    """`loadtest.microbench.run_microbench`, as is (it owns the model-side figures)."""
+    from loadtest.microbench import run_microbench
+
+    result: dict[str, Any] = run_microbench(quick, artifacts)
+    return result
+
+
+def resolve_artifacts(artifacts: str, tmp: Path) -> tuple[str, str]:
+    """(artifacts dir the service loads, what it is). Without an exported version there,
+    an untrained default-config model is exported into tmp: costs do not depend on the
+    weights, and `make bench` then works on a bare checkout (needs torch)."""
+    from ifa_common.manifest import ArtifactError, resolve_version
+
+    try:
+        version = resolve_version(Path(artifacts), None)
+        return artifacts, f"{artifacts}/{version.name}"
+    except (ArtifactError, OSError):
+        pass
+    import torch
+
+    from model_export.export import export_model
+    from model_export.model import build_model, default_config
+
+    log.warning("no model version in %s: exporting an untrained default-config model", artifacts)
+    cfg = default_config()
+    torch.manual_seed(0)
+    export_model(
+        build_model(cfg).eval(), cfg, tmp, "bench-untrained", None, {"data_id": "untrained"}
+    )
+    return str(tmp), "untrained default-config export (no artifact in " + artifacts + ")"
+
+
+# ---------------------------------------------------------------------- HTTP helpers
+def rank_body(user: str, cands: list[int], budget_ms: float | None = None) -> bytes:
+    body: dict[str, Any] = {"user_id": user, "candidates": cands}
+    if budget_ms is not None:
+        body["budget_ms"] = budget_ms
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def candidate_sets(rng: np.random.Generator, count: int, m: int, items: int) -> list[list[int]]:
+    return [rng.integers(0, items, size=m).tolist() for _ in range(count)]
+
+
+class Loader:
+    """Runs one closed-loop measurement with the chosen tool; adds server CPU per request."""
+
+    def __init__(self, tool: str, svc: LocalService) -> None:
+        self.tool = tool
+        self.svc = svc
+
+    def run(
+        self, method: str, path: str, bodies: list[bytes | None], concurrency: int, plan: BenchPlan
+    ) -> dict[str, Any]:
+        cpu0 = proc_cpu_s(self.svc.pid)
+        t0 = time.perf_counter()
+        if self.tool == "wrk":
+            res = wrk.run_wrk(
+                self.svc.base_url, method, path, bodies, concurrency, plan.duration_s, plan.warmup_s
+            )
+        else:
+            reqs = [httpload.build_request(method, path, b) for b in bodies]
+            res = httpload.run_load(
+                self.svc.host, self.svc.port, reqs, concurrency, plan.duration_s, plan.warmup_s
+            )
+        wall = time.perf_counter() - t0
+        cpu = proc_cpu_s(self.svc.pid) - cpu0
+        out = res.summary()
+        # Server CPU over warm-up + measured window, per request served in that time.
+        served = out["rps"] * wall if out["rps"] else 0.0
+        out["server_cpu_ms_per_req"] = 1e3 * cpu / served if served else float("nan")
+        out["server_cpu_cores"] = cpu / wall if wall else float("nan")
+        return out
+
+
+def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of each figure over repeated runs; the runs themselves are kept."""
+    out: dict[str, Any] = {"runs": runs, "repeats": len(runs)}
+    for key in (*FIGURES, "server_cpu_ms_per_req", "server_cpu_cores", "client_cpu_us_per_req"):
+        values = [r[key] for r in runs if key in r and r[key] == r[key]]
+        if values:
+            out[key] = float(statistics.median(values))
+    out["requests"] = int(sum(r["requests"] for r in runs))
+    out["errors"] = int(sum(r["errors"] for r in runs))
+    out["tool"] = runs[0]["tool"] if runs else None
+    out["concurrency"] = runs[0]["concurrency"] if runs else None
+    return out
+
+
+def measure_ceilings(svc: LocalService, plan: BenchPlan, choice: str) -> dict[str, Any]:
+    """Each available generator against /healthz at the highest concurrency.
+
+    ceiling_rps = 1 / (client CPU per request): what the generator could drive with one
+    full core to itself, however fast the server were.
+    """
+    tools = ["pyclient"]
+    if choice in ("auto", "wrk") and wrk.ensure_wrk(install=True):
+        tools.insert(0, "wrk")
+    elif choice == "wrk":
+        log.warning("wrk is not available; using the asyncio client")
+    if choice == "pyclient":
+        tools = ["pyclient"]
+    c = max(plan.concurrency)
+    out: dict[str, Any] = {}
+    for tool in tools:
+        r = Loader(tool, svc).run("GET", "/healthz", [None], c, plan)
+        cpu_us = r.get("client_cpu_us_per_req") or float("nan")
+        out[tool] = {
+            "healthz_rps": r["rps"],
+            "healthz_p50_ms": r["p50_ms"],
+            "client_cpu_us_per_req": cpu_us,
+            "ceiling_rps_per_core": 1e6 / cpu_us if cpu_us == cpu_us and cpu_us > 0 else None,
+            "concurrency": c,
+        }
+    ranked = sorted(out, key=lambda t: -(out[t]["ceiling_rps_per_core"] or 0.0))
+    chosen = ranked[0] if choice == "auto" else (choice if choice in out else ranked[0])
+    return {"tools": out, "chosen": chosen}
+
+
+def post(conn: http.client.HTTPConnection, path: str, body: bytes) -> tuple[float, int, Any]:
+    """One POST on a keep-alive connection: (client ms, status, parsed JSON)."""
+    t0 = time.perf_counter_ns()
+    conn.request("POST", path, body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    ms = (time.perf_counter_ns() - t0) / 1e6
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        parsed = data.decode(errors="replace")
+    return ms, resp.status, parsed
+
+
+def timed_requests(
+    conn: http.client.HTTPConnection, path: str, bodies: list[bytes], before: Callable[[int], None]
+) -> list[dict[str, Any]]:
+    samples = []
+    for i, body in enumerate(bodies):
+        before(i)
+        ms, status, parsed = post(conn, path, body)
+        sample: dict[str, Any] = {"client_ms": ms, "status": status}
+        if isinstance(parsed, dict):
+            sample["degraded"] = parsed.get("degraded")
+            sample["timings_ms"] = parsed.get("timings_ms")
+        samples.append(sample)
+    return samples
+
+
+def summarise_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    lat = np.array([s["client_ms"] for s in samples], dtype=np.float64)
+    out: dict[str, Any] = {"requests": len(samples)}
+    out.update(httpload.percentiles_ms(lat))
+    out["errors"] = sum(1 for s in samples if s["status"] != 200)
+    degraded: dict[str, int] = {}
+    for s in samples:
+        if s.get("degraded"):
+            degraded[str(s["degraded"])] = degraded.get(str(s["degraded"]), 0) + 1
+    out["degraded"] = degraded
+    stages: dict[str, list[float]] = {}
+    for s in samples:
+        for k, v in (s.get("timings_ms") or {}).items():
+            if isinstance(v, int | float):
+                stages.setdefault(k, []).append(float(v))
+    out["server_timings_ms_median"] = {k: float(np.median(v)) for k, v in stages.items()}
+    return out
+
+
+# ---------------------------------------------------------------------- HTTP bench
+def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="ifa-bench-artifacts-") as tmp:
+        served, source = resolve_artifacts(artifacts, Path(tmp))
+        result = _http_bench(plan, served, out_dir, choice)
+        result["artifact"] = source
+        return result
+
+
+def _http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> dict[str, Any]:
+    import redis
+
+    from loadtest.seed import seed_synthetic, seq_key
+
+    svc = LocalService(artifacts_dir=artifacts, log_path=out_dir / "bench-server.log")
+    result: dict[str, Any] = {"plan": asdict(plan)}
+    try:
+        client = redis.Redis.from_url(svc.start_redis(), socket_timeout=60)
+        t0 = time.perf_counter()
+        seed_synthetic(
+            client,
+            plan.warm_users,
+            plan.n_events,
+            items=plan.items,
+            prefix="warm",
+            seed=11,
+            progress=False,
+        )
+        seed_synthetic(
+            client, 1, plan.n_events, items=plan.items, prefix="coldsrc", seed=12, progress=False
+        )
+        result["seed_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        svc.start_service()
+        result["startup_s"] = time.perf_counter() - t0
+        result["settings_env"] = svc.settings_env
+        result["server_command"] = " ".join(
+            ["python", "-m", "uvicorn", "--factory", "service.app:app_from_env", "..."]
+        )
+        _, model = http_json(svc.base_url + "/v1/model")
+        result["model"] = model
+        rng = np.random.default_rng(7)
+        users = [f"warm-{i}" for i in range(plan.warm_users)]
+        sets = candidate_sets(rng, plan.warm_users * plan.bodies_per_user, plan.m, plan.items)
+        bodies: list[bytes | None] = [
+            rank_body(users[i % len(users)], s) for i, s in enumerate(sets)
+        ]
+        conn = http.client.HTTPConnection(svc.host, svc.port, timeout=120)
+
+        # First request per warm user: a cold build (big budget, so never partial).
+        prime = [rank_body(u, sets[0], budget_ms=60_000) for u in users]
+        result["first_request"] = summarise_samples(
+            timed_requests(conn, "/rank", prime, lambda i: None)
+        )
+        warm_samples = timed_requests(conn, "/rank", [b for b in bodies if b] * 2, lambda i: None)
+        result["warm_single"] = summarise_samples(warm_samples)
+        result["rss_mib_before_load"] = proc_rss_mib(svc.pid)
+
+        ceilings = measure_ceilings(svc, plan, choice)
+        result["load_generator"] = ceilings
+        loader = Loader(ceilings["chosen"], svc)
+        series: dict[str, list[dict[str, Any]]] = {}
+        for rep in range(plan.repeats):
+            for c in plan.concurrency:
+                healthz: list[bytes | None] = [None]
+                for name, method, path, bs in (
+                    ("healthz", "GET", "/healthz", healthz),
+                    ("rank_warm", "POST", "/rank", bodies),
+                ):
+                    key = f"{name}_c{c}"
+                    r = loader.run(method, path, bs, c, plan)
+                    series.setdefault(key, []).append(r)
+                    log.info(
+                        "rep %d %-14s p50 %.2f ms  p99 %.2f ms  %.0f req/s  errors %d",
+                        rep + 1,
+                        key,
+                        r["p50_ms"],
+                        r["p99_ms"],
+                        r["rps"],
+                        r["errors"],
+                    )
+        result["load"] = {k: median_summary(v) for k, v in series.items()}
+        result["rss_mib_after_load"] = proc_rss_mib(svc.pid)
+
+        # Cold: never-seen users whose sequence is a server-side copy of a 100k template.
+        cands = sets[0]
+        tag = uuid.uuid4().hex[:8]
+        n_cold = plan.cold_warmup + plan.cold_requests
+        cold_users = [f"cold-{tag}-{k}" for k in range(n_cold)]
+        src = seq_key("coldsrc-0")
+
+        def copy_user(i: int) -> None:
+            if i > 0:
+                client.delete(seq_key(cold_users[i - 1]))
+            client.copy(src, seq_key(cold_users[i]))
+
+        cold_bodies = [rank_body(u, cands, budget_ms=60_000) for u in cold_users]
+        cold = timed_requests(conn, "/rank", cold_bodies, copy_user)
+        client.delete(seq_key(cold_users[-1]))
+        result["cold"] = summarise_samples(cold[plan.cold_warmup :])
+
+        # Refresh: 100 new events, then /rank folds them into the cached state.
+        from loadtest.seed import synthetic_events
+
+        samples: list[dict[str, Any]] = []
+        for i in range(plan.refresh_requests):
+            user = users[i % len(users)]
+            ev = synthetic_events(
+                100,
+                plan.items,
+                200,
+                np.random.default_rng([99, i]),
+                ts0=1_700_000_000 + i * 100_000,
+            )
+            events = [
+                {"item_id": int(e["item_id"]), "ts": int(e["ts"]), "action": int(e["action"])}
+                for e in ev
+            ]
+            _, status, _ = post(
+                conn, "/events", json.dumps({"user_id": user, "events": events}).encode()
+            )
+            if status != 200:
+                raise RuntimeError(f"POST /events answered {status}")
+            samples += timed_requests(conn, "/rank", [rank_body(user, cands)], lambda i: None)
+        result["refresh_100"] = summarise_samples(samples)
+        conn.close()
+        result["rss_mib_end"] = proc_rss_mib(svc.pid)
+        return result
+    finally:
+        svc.stop()
+
+
+# ---------------------------------------------------------------------- derived figures
+def _get(d: Any, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def derive(report: dict[str, Any]) -> dict[str, Any]:
+    """The ratios and targets of DESIGN section 8 from the measured figures."""
+    from loadtest.report import inprocess_figures
+
+    ip = inprocess_figures(report.get("inprocess") or {})
+    http = report.get("http") or {}
+    load = http.get("load") or {}
+    score_ms = ip.get("score_ms_500")
+    derived: dict[str, Any] = {"inprocess": ip}
+    hz = _get(load, "healthz_c1", "p50_ms")
+    rank = _get(load, "rank_warm_c1", "p50_ms")
+    if hz is not None and rank is not None and score_ms is not None:
+        derived["overhead_ratio"] = rank / (hz + score_ms)
+        derived["overhead_terms_ms"] = {
+            "rank_warm_p50": rank,
+            "healthz_p50": hz,
+            "inprocess_score_m500": score_ms,
+        }
+    targets: list[dict[str, Any]] = []
+
+    def target(name: str, value: Any, limit: float, higher_is_better: bool = False) -> None:
+        if value is None:
+            targets.append({"name": name, "target": limit, "value": None, "ok": None})
+            return
+        ok = value >= limit if higher_is_better else value <= limit
+        targets.append(
+            {
+                "name": name,
+                "value": float(value),
+                "target": limit,
+                "op": ">=" if higher_is_better else "<=",
+                "ok": bool(ok),
+            }
+        )
+
+    target("warm /rank p50 ms (N=100k, M=500, c=1)", rank, 3.0)
+    target("warm /rank p99 ms (N=100k, M=500, c=1)", _get(load, "rank_warm_c1", "p99_ms"), 10.0)
+    target("warm /rank p99 ms (N=100k, M=500, c=8)", _get(load, "rank_warm_c8", "p99_ms"), 10.0)
+    target(
+        "warm /rank req/s (c=8, generator on the box)",
+        _get(load, "rank_warm_c8", "rps"),
+        300.0,
+        higher_is_better=True,
+    )
+    target("overhead ratio (rank p50 / (healthz p50 + score))", derived.get("overhead_ratio"), 1.5)
+    cold_total = _get(http, "cold", "server_timings_ms_median")
+    cold_build = None
+    if isinstance(cold_total, dict) and "redis" in cold_total and "state" in cold_total:
+        cold_build = cold_total["redis"] + cold_total["state"]
+    target("cold build ms, N=100k (server: redis + state)", cold_build, 40.0)
+    target("cold /rank p50 ms, N=100k (client)", _get(http, "cold", "p50_ms"), 40.0)
+    target("fold 100 events ms (in process)", ip.get("fold_100_ms"), 1.0)
+    target("softmax_full / ifa warm (N=100k, M=500)", ip.get("ratio_warm"), 1000.0, True)
+    target("softmax_full / ifa cold (N=100k, M=500)", ip.get("ratio_cold"), 20.0, True)
+    target("state bytes per user", ip.get("state_bytes"), 20_000.0)
+    derived["targets"] = targets
+    return derived
+
+
+# ---------------------------------------------------------------------- entry point
+def run_bench(
+    out_dir: Path,
+    quick: bool,
+    *,
+    client: str = "auto",
+    artifacts: str | None = None,
+    repeats: int | None = None,
+    duration: float | None = None,
+    skip_micro: bool = False,
+    skip_http: bool = False,
+    plan: BenchPlan | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark and write bench.json, bench.md and the plots into out_dir."""
+    from loadtest import plots, report
+
+    plan = plan or BenchPlan.make(quick, repeats, duration)
+    artifacts = artifacts or os.environ.get("IFA_ARTIFACTS_DIR") or "artifacts"
+    started = time.time()
+    rep: dict[str, Any] = {
+        "format": REPORT_FORMAT,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "mode": "quick" if quick else "full",
+        "command": "ifa-rank bench" + (" --quick" if quick else ""),
+        "machine": machine_info(),
+        "versions": versions(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not skip_micro:
+        t0 = time.perf_counter()
+        try:
+            rep["inprocess"] = inprocess(quick, artifacts)
+        except Exception as e:  # a missing artifact or torch must not lose the HTTP part
+            log.exception("in-process microbench failed")
+            rep["inprocess"] = {"error": f"{type(e).__name__}: {e}"}
+        rep["inprocess_s"] = time.perf_counter() - t0
+    if not skip_http:
+        t0 = time.perf_counter()
+        rep["http"] = http_bench(plan, artifacts, out_dir, client)
+        rep["http_s"] = time.perf_counter() - t0
+    rep["derived"] = derive(rep)
+    rep["machine"]["load_avg_at_end"] = list(os.getloadavg())
+    rep["elapsed_s"] = time.time() - started
+    (out_dir / "bench.json").write_text(json.dumps(rep, indent=2, default=_json_default) + "\n")
+    with contextlib.suppress(Exception):
+        rep["plots"] = plots.write_plots(rep, out_dir)
+    (out_dir / "bench.md").write_text(report.markdown(rep))
+    (out_dir / "bench.json").write_text(json.dumps(rep, indent=2, default=_json_default) + "\n")
+    return rep
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Handler of `ifa-rank bench`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    out = Path(args.out)
+    rep = run_bench(
+        out,
+        args.quick,
+        client=getattr(args, "client", "auto"),
+        artifacts=getattr(args, "artifacts", None),
+        repeats=getattr(args, "repeats", None),
+        duration=getattr(args, "duration", None),
+        skip_micro=getattr(args, "skip_micro", False),
+        skip_http=getattr(args, "skip_http", False),
+    )
+    print((out / "bench.md").read_text())
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} in {rep['elapsed_s']:.0f} s")
+    return 0

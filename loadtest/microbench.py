@@ -1,0 +1,169 @@
+"""In-process model costs: the serving runtime (ONNX Runtime) against torch `softmax_full`.
+
+    python -m loadtest.microbench [--quick] [--artifacts DIR]
+
+`run_microbench(quick)` returns a dict (every figure in ms, median of repeats after a
+warm-up): build_state at N = 1k/10k/100k, score at M = 100/500/1000, the refresh of a
+cached state with 100 new events (build + fold), the state's size, and the PyTorch
+`softmax_full` forward at N = 100k, M = 500 with the same dims, plus the ratios
+softmax_full / ifa warm (score only) and / ifa cold (build_state(100k) + score).
+
+The runtime part needs only onnxruntime; it loads `<artifacts>/latest` when that has the
+default dims, else it exports an untrained default-config model to a temporary directory
+(cost does not depend on the weights). torch is imported only for that export and for
+the softmax_full reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ifa_common.records import make_events
+from service.runtime import ModelRuntime
+
+BUILD_SIZES = (1_000, 10_000, 100_000)
+SCORE_SIZES = (100, 500, 1_000)
+REF_N, REF_M = 100_000, 500
+T0 = 1_700_000_000
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def _events(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return make_events(
+        rng.integers(0, 20_000, n),
+        T0 + np.sort(rng.integers(0, 3 * 365 * 86_400, n)),
+        action=rng.integers(0, 4, n),
+    )
+
+
+# ModelConfig's defaults (model_export/model/config.py), spelled out so that the runtime
+# part runs before anything imports torch.
+DEFAULT_DIMS = {"heads": 4, "d_phi": 8, "d_head": 8, "d_model": 32, "item_buckets": 65_536}
+
+
+def _runtime(artifacts: Path | None, tmp: Path) -> tuple[ModelRuntime, str]:
+    """The artifact to time: `artifacts/latest` when it has the default dims, else a fresh
+    export of an untrained default-config model."""
+    want = DEFAULT_DIMS
+    if artifacts is not None:
+        try:
+            rt = ModelRuntime.load(artifacts, None, intra_op_threads=1, prefer_cuda=False)
+        except Exception:  # no artifact yet: fall through to a fresh export
+            rt = None
+        if rt is not None and all(rt.manifest["dims"].get(k) == v for k, v in want.items()):
+            return rt, f"{artifacts}/{rt.version}"
+    import torch
+
+    from model_export.export import export_model
+    from model_export.model import build_model, default_config
+
+    cfg = default_config()
+    torch.manual_seed(0)
+    path = export_model(build_model(cfg).eval(), cfg, tmp, "bench", None, {"data_id": "untrained"})
+    return ModelRuntime.load(tmp, path.name, intra_op_threads=1, prefer_cuda=False), "fresh export"
+
+
+def _softmax_full_ms(n: int, m: int, repeats: int) -> tuple[float, int]:
+    """PyTorch softmax_full forward (one request, N events, M candidates), default dims."""
+    import torch
+
+    from model_export.batch import UserBatch
+    from model_export.model import build_model, default_config
+
+    cfg = default_config(model="softmax_full")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    batch = UserBatch(
+        ev_item=torch.randint(0, cfg.item_buckets, (n,), generator=g),
+        ev_cat=torch.randint(0, cfg.category_buckets, (n,), generator=g),
+        ev_action=torch.randint(0, cfg.action_buckets, (n,), generator=g),
+        ev_ts=torch.arange(n, dtype=torch.long) * 60 + T0,
+        req_prefix=torch.tensor([n]),
+        cand_item=torch.randint(0, cfg.item_buckets, (1, m), generator=g),
+        cand_cat=torch.randint(0, cfg.category_buckets, (1, m), generator=g),
+        cand_mask=torch.ones(1, m, dtype=torch.bool),
+        label=torch.zeros(1, m),
+        exposed=torch.ones(1, m, dtype=torch.bool),
+    )
+    with torch.inference_mode():
+        ms = _median_ms(lambda: model(batch), repeats)
+    return ms, torch.get_num_threads()
+
+
+def run_microbench(quick: bool, artifacts_dir: str | Path | None = "artifacts") -> dict[str, Any]:
+    repeats = 3 if quick else 9
+    rng = np.random.default_rng(1)
+    out: dict[str, Any] = {"quick": quick, "repeats": repeats, "unit": "ms, median after warm-up"}
+    with tempfile.TemporaryDirectory(prefix="ifa-microbench-") as tmp:
+        rt, source = _runtime(Path(artifacts_dir) if artifacts_dir else None, Path(tmp))
+        rt.warmup()
+        out["artifact"] = source
+        out["version"] = rt.version
+        out["provider"] = rt.provider
+        out["ort_intra_op_threads"] = 1
+        out["dims"] = {k: rt.manifest["dims"][k] for k in ("heads", "d_phi", "d_head", "d_model")}
+
+        histories = {n: _events(n, seed=n) for n in BUILD_SIZES}
+        build: dict[str, float] = {}
+        for n, ev in histories.items():
+            reps = repeats if n < 100_000 else max(3, repeats // 2)
+            build[str(n)] = _median_ms(partial(rt.build_state, ev), reps)
+        out["build_state_ms"] = build
+        state = rt.build_state(histories[REF_N])
+        cands = {m: rng.integers(0, 20_000, m) for m in SCORE_SIZES}
+        out["score_ms"] = {
+            str(m): _median_ms(partial(rt.score, state, c), repeats * 5) for m, c in cands.items()
+        }
+        new = _events(100, seed=7)
+        new["ts"] += 3 * 365 * 86_400  # the new tail comes after the cached history
+        out["fold_100_ms"] = _median_ms(lambda: rt.fold(state, rt.build_state(new)), repeats * 5)
+        tail = rt.build_state(new)
+        out["fold_only_ms"] = _median_ms(partial(rt.fold, state, tail), repeats * 5)
+        out["state_bytes"] = len(rt.serialize_state(state))
+
+    soft, threads = _softmax_full_ms(REF_N, REF_M, 3 if quick else 5)
+    out["softmax_full_ms"] = {str(REF_N): soft}
+    out["softmax_full_ms_100k_500"] = soft
+    out["torch_threads"] = threads
+    warm = out["score_ms"][str(REF_M)]
+    cold = out["build_state_ms"][str(REF_N)] + warm
+    out["ifa_warm_ms"], out["ifa_cold_ms"] = warm, cold
+    out["ratio_warm"], out["ratio_cold"] = soft / warm, soft / cold
+    out["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--artifacts", default="artifacts")
+    args = p.parse_args(argv)
+    print(json.dumps(run_microbench(args.quick, args.artifacts), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

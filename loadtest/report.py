@@ -1,0 +1,226 @@
+"""bench.json -> bench.md: the tables a reader compares between runs and machines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _num(d: Any, *keys: str) -> float | None:
+    for k in keys:
+        if isinstance(d, dict) and k in d:
+            d = d[k]
+        else:
+            return None
+    return float(d) if isinstance(d, int | float) and not isinstance(d, bool) else None
+
+
+def _series(d: Any) -> dict[int, float]:
+    """{"1000": 1.2, ...} or [{"n": 1000, "ms": 1.2}, ...] -> {1000: 1.2}."""
+    out: dict[int, float] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            val = v if isinstance(v, int | float) else _num(v, "ms") or _num(v, "median_ms")
+            if val is not None and str(k).isdigit():
+                out[int(k)] = float(val)
+    elif isinstance(d, list):
+        for row in d:
+            if not isinstance(row, dict):
+                continue
+            size = row.get("n", row.get("m", row.get("N", row.get("M"))))
+            val = row.get("ms", row.get("median_ms"))
+            if isinstance(size, int) and isinstance(val, int | float):
+                out[size] = float(val)
+    return out
+
+
+def inprocess_figures(ip: dict[str, Any]) -> dict[str, Any]:
+    """Normalise run_microbench's dict into the few numbers the targets use."""
+    out: dict[str, Any] = {}
+    build = _series(ip.get("build_state_ms"))
+    score = _series(ip.get("score_ms"))
+    # softmax_full is timed at the reference point (N = 100k, M = 500): one point on the
+    # score-vs-M axis.
+    ref = ip.get("softmax_full_ms_100k_500")
+    soft = {500: float(ref)} if isinstance(ref, int | float) else {}
+    if build:
+        out["build_state_ms"] = build
+    if score:
+        out["score_ms"] = score
+        out["score_ms_500"] = score.get(500)
+    if soft:
+        out["softmax_full_ms"] = soft
+    for key in (
+        "fold_100_ms",
+        "state_bytes",
+        "ratio_warm",
+        "ratio_cold",
+        "softmax_full_ms_100k_500",
+        "ifa_cold_ms",
+        "ifa_warm_ms",
+    ):
+        val = ip.get(key)
+        if val is None and isinstance(ip.get("ratios"), dict):
+            val = ip["ratios"].get(key.removeprefix("ratio_"))
+        if isinstance(val, int | float):
+            out[key] = float(val)
+    return out
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        if v != v:
+            return "n/a"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    m = rep.get("machine", {})
+    v = rep.get("versions", {})
+    http = rep.get("http") or {}
+    derived = rep.get("derived") or {}
+    lines = [
+        f"# Benchmark ({rep.get('mode')}): `{rep.get('command')}`",
+        "",
+        f"{rep.get('created_at')} · {m.get('cpu_model')} · {m.get('cores_available')} cores · "
+        f"{m.get('memory_gib')} GiB · load avg at start {_fmt((m.get('load_avg_at_start') or [None])[0])}, "
+        f"end {_fmt((m.get('load_avg_at_end') or [None])[0])}",
+        f"python {v.get('python')} · onnxruntime {v.get('onnxruntime') or v.get('onnxruntime-gpu')} · "
+        f"numpy {v.get('numpy')} · ifa-rank {v.get('ifa-rank')} · {v.get('git_commit', '')}",
+    ]
+    model = http.get("model") or {}
+    if model:
+        lines.append(
+            f"model {model.get('version')} · providers {model.get('providers', model.get('provider'))}"
+        )
+    lines += [
+        "",
+        "## Targets (DESIGN section 8)",
+        "",
+        "| figure | measured | target | ok |",
+        "|---|---:|---:|:-:|",
+    ]
+    for t in derived.get("targets", []):
+        ok = {True: "yes", False: "**no**", None: "n/a"}[t.get("ok")]
+        lines.append(
+            f"| {t['name']} | {_fmt(t.get('value'))} | {t.get('op', '')} {_fmt(t['target'])} | {ok} |"
+        )
+
+    load = http.get("load") or {}
+    if load:
+        gen = http.get("load_generator", {})
+        lines += [
+            "",
+            "## HTTP on loopback (closed loop; median of "
+            f"{next(iter(load.values())).get('repeats')} runs)",
+            "",
+            "| endpoint | conc. | p50 ms | p90 ms | p99 ms | max ms | req/s | server CPU ms/req | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for key, s in load.items():
+            name, _, c = key.rpartition("_c")
+            lines.append(
+                f"| {name} | {c} | {_fmt(s.get('p50_ms'))} | {_fmt(s.get('p90_ms'))} | "
+                f"{_fmt(s.get('p99_ms'))} | {_fmt(s.get('max_ms'))} | {_fmt(s.get('rps'), 0)} | "
+                f"{_fmt(s.get('server_cpu_ms_per_req'))} | {s.get('errors')} |"
+            )
+        for name in ("cold", "refresh_100", "first_request", "warm_single"):
+            s = http.get(name)
+            if not s:
+                continue
+            st = s.get("server_timings_ms_median", {})
+            stages = ", ".join(f"{k} {_fmt(x)}" for k, x in st.items())
+            lines.append(
+                f"| {name} (sequential) | 1 | {_fmt(s.get('p50_ms'))} | {_fmt(s.get('p90_ms'))} | "
+                f"{_fmt(s.get('p99_ms'))} | {_fmt(s.get('max_ms'))} | | server: {stages} | "
+                f"{s.get('errors')}{' degraded ' + str(s['degraded']) if s.get('degraded') else ''} |"
+            )
+        lines += [
+            "",
+            f"Load generator: **{gen.get('chosen')}**; ceilings against /healthz "
+            "(client CPU per request → requests/s it could drive per core):",
+            "",
+        ]
+        for tool, t in (gen.get("tools") or {}).items():
+            lines.append(
+                f"* {tool}: {_fmt(t.get('client_cpu_us_per_req'), 1)} µs CPU/req → ceiling "
+                f"{_fmt(t.get('ceiling_rps_per_core'), 0)} req/s per core; measured /healthz "
+                f"{_fmt(t.get('healthz_rps'), 0)} req/s at c={t.get('concurrency')}"
+            )
+        if "overhead_ratio" in derived:
+            ot = derived["overhead_terms_ms"]
+            lines += [
+                "",
+                f"Overhead ratio = warm /rank p50 {_fmt(ot['rank_warm_p50'])} ms / "
+                f"(/healthz p50 {_fmt(ot['healthz_p50'])} ms + in-process score(M=500) "
+                f"{_fmt(ot['inprocess_score_m500'])} ms) = **{_fmt(derived['overhead_ratio'])}**",
+            ]
+        lines += [
+            "",
+            f"Server RSS: {_fmt(http.get('rss_mib_before_load'), 1)} MiB before load, "
+            f"{_fmt(http.get('rss_mib_after_load'), 1)} MiB after, {_fmt(http.get('rss_mib_end'), 1)} "
+            "MiB at the end.",
+            "",
+            "Server settings: "
+            + ", ".join(
+                f"`{k}={val}`"
+                for k, val in (http.get("settings_env") or {}).items()
+                if k != "IFA_REDIS_URL"
+            ),
+        ]
+
+    ip = derived.get("inprocess") or {}
+    if ip:
+        lines += ["", "## In process (ONNX Runtime, one call, median ms)", ""]
+        build, score, soft = (
+            ip.get("build_state_ms", {}),
+            ip.get("score_ms", {}),
+            ip.get("softmax_full_ms", {}),
+        )
+        if build:
+            lines += [
+                "| build_state N | " + " | ".join(str(k) for k in build) + " |",
+                "|---|" + "---:|" * len(build),
+                "| ms | " + " | ".join(_fmt(x, 3) for x in build.values()) + " |",
+                "",
+            ]
+        if score:
+            lines += [
+                "| score M | " + " | ".join(str(k) for k in score) + " |",
+                "|---|" + "---:|" * len(score),
+                "| ms | " + " | ".join(_fmt(x, 3) for x in score.values()) + " |",
+                "",
+            ]
+        if soft:
+            lines += [
+                "| softmax_full (torch, N=100k) M | " + " | ".join(str(k) for k in soft) + " |",
+                "|---|" + "---:|" * len(soft),
+                "| ms | " + " | ".join(_fmt(x, 3) for x in soft.values()) + " |",
+                "",
+            ]
+        for key in (
+            "fold_100_ms",
+            "ifa_warm_ms",
+            "ifa_cold_ms",
+            "softmax_full_ms_100k_500",
+            "ratio_warm",
+            "ratio_cold",
+            "state_bytes",
+        ):
+            if key in ip:
+                lines.append(f"* {key}: {_fmt(ip[key], 3)}")
+    elif isinstance(rep.get("inprocess"), dict) and "error" in rep["inprocess"]:
+        lines += ["", f"In-process microbench failed: {rep['inprocess']['error']}"]
+    plots = rep.get("plots") or []
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += [
+        "",
+        f"Elapsed {_fmt(rep.get('elapsed_s'), 0)} s. Figures and per-run values: `bench.json`.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""A real service process for benchmarks and load tests: its own Redis, uvicorn, readiness.
+
+    with LocalService(artifacts_dir="artifacts", log_path=Path("reports/server.log")) as svc:
+        svc.redis_url, svc.base_url, svc.pid, svc.settings_env
+
+The Redis is a throwaway `redis-server` on a free port (no persistence), started with the
+service's own helper (`service.embedded_redis.RedisServer`); the service is
+`python -m uvicorn --factory service.app:app_from_env` with uvloop and httptools, access
+log off, configured through `IFA_*` variables only (what a deployment does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+# Tuned for a small CPU box where the load generator shares the cores: one ORT thread per
+# session (no oversubscription, no spinning), one executor worker per core, Redis on
+# loopback. Each can be overridden from the environment (IFA_*), and the effective values
+# are recorded in the report.
+TUNED_ENV: dict[str, str] = {
+    "IFA_INFER_THREADS": "1",
+    "IFA_INFER_WORKERS": str(max(1, min(2, os.cpu_count() or 1))),
+    "IFA_LOG_LEVEL": "warning",
+    "IFA_MAX_INFLIGHT": "64",
+    "IFA_REDIS_TIMEOUT_MS": "200",
+}
+
+
+def uvicorn_command(host: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "service.app:app_from_env",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--timeout-keep-alive",
+        "60",
+    ]
+
+
+def http_json(url: str, timeout: float = 5.0, data: bytes | None = None) -> tuple[int, Any]:
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        try:
+            return e.code, json.loads(body or b"null")
+        except ValueError:
+            return e.code, body.decode(errors="replace")
+
+
+class LocalService:
+    """Redis + the ranking service as child processes; stopped on exit."""
+
+    def __init__(
+        self,
+        artifacts_dir: str | Path | None = None,
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+        redis_url: str | None = None,
+        ready_timeout_s: float = 180.0,
+    ) -> None:
+        self.artifacts_dir = Path(artifacts_dir) if artifacts_dir else None
+        self.log_path = log_path
+        self.extra_env = dict(env or {})
+        self.redis_url = redis_url
+        self.ready_timeout_s = ready_timeout_s
+        self.port = 0
+        self.host = "127.0.0.1"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._redis: Any = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._log: IO[bytes] | None = None
+        self.settings_env: dict[str, str] = {}
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start_redis(self) -> str:
+        from service.embedded_redis import RedisServer, free_port
+
+        if self.redis_url is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="ifa-bench-redis-")
+            self._redis = RedisServer(Path(self._tmp.name), port=free_port(), persist=False)
+            self._redis.start()
+            self.redis_url = str(self._redis.url)
+        return self.redis_url
+
+    def start_service(self) -> None:
+        from service.embedded_redis import free_port
+
+        redis_url = self.start_redis()
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IFA_")}
+        settings = dict(TUNED_ENV)
+        settings.update({k: v for k, v in os.environ.items() if k.startswith("IFA_")})
+        settings.update(self.extra_env)
+        settings["IFA_REDIS_URL"] = redis_url
+        if self.artifacts_dir is not None:
+            settings["IFA_ARTIFACTS_DIR"] = str(self.artifacts_dir.resolve())
+        settings.pop("IFA_ADMIN_TOKEN", None)
+        self.settings_env = dict(sorted(settings.items()))
+        env.update(settings)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            uvicorn_command(self.host, self.port),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if self._log else subprocess.DEVNULL,
+        )
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        last: Any = None
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"service exited with {self.proc.returncode} before it was ready"
+                    + (f"; see {self.log_path}" if self.log_path else "")
+                )
+            with contextlib.suppress(OSError):
+                status, last = http_json(self.base_url + "/readyz", timeout=2.0)
+                if status == 200:
+                    return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"service not ready after {self.ready_timeout_s}s: {last}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._redis is not None:
+            self._redis.stop()
+            self._redis = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> LocalService:
+        try:
+            self.start_service()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,113 @@
+"""What a benchmark report must carry to be comparable: machine, versions, process stats."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+_PACKAGES = (
+    "ifa-rank",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "numpy",
+    "fastapi",
+    "uvicorn",
+    "starlette",
+    "pydantic",
+    "redis",
+    "orjson",
+    "uvloop",
+    "httptools",
+    "torch",
+    "locust",
+)
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cores_logical": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else None,
+        "load_avg_at_start": list(os.getloadavg()),
+    }
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    gpu = shutil.which("nvidia-smi")
+    if gpu:
+        with contextlib.suppress(Exception):
+            out = subprocess.run(
+                [gpu, "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            info["gpus"] = [g.strip() for g in out.stdout.splitlines() if g.strip()]
+    return info
+
+
+def versions() -> dict[str, Any]:
+    out: dict[str, Any] = {"python": sys.version.split()[0]}
+    for name in _PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[name] = importlib.metadata.version(name)
+    with contextlib.suppress(Exception):
+        from service.embedded_redis import find_redis_server
+
+        proc = subprocess.run(
+            [find_redis_server(), "--version"], capture_output=True, text=True, timeout=10
+        )
+        out["redis_server"] = proc.stdout.split("v=")[1].split()[0]
+    wrk = shutil.which("wrk")
+    if wrk:
+        with contextlib.suppress(Exception):
+            proc = subprocess.run([wrk, "--version"], capture_output=True, text=True, timeout=10)
+            out["wrk"] = (proc.stdout or proc.stderr).split()[1]
+    with contextlib.suppress(Exception):
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        if head:
+            out["git_commit"] = head + ("-dirty" if dirty else "")
+    return out
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (0.0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+
+
+def proc_rss_mib(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")

@@ -1,0 +1,139 @@
+"""App factory and lifespan: `create_app(settings)`; `uvicorn --factory service.app:app_from_env`.
+
+The lifespan opens (or starts) Redis, loads, verifies and warms the model, starts the
+inference executor and the state write-back, and on shutdown closes all of it in the
+reverse order (uvicorn has already drained the HTTP requests in flight by then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+from fastapi import FastAPI
+
+from .embedded_redis import RedisServer
+from .inference import InferencePool, Runtime
+from .metrics import Metrics
+from .ranker import Ranker
+from .router import router
+from .settings import Settings
+from .state_cache import StateWriteBack
+from .store import RedisSequenceStore, make_client
+from .web import BodyLimitMiddleware, RequestMetricsMiddleware, install_error_handlers
+
+log = logging.getLogger("service")
+
+DRAIN_TIMEOUT_S = 5.0
+
+
+def load_runtime(settings: Settings, version: str | None) -> tuple[Runtime, dict[str, float]]:
+    """Blocking: load + verify (sha256) + warm one artifact version. Runs in a thread."""
+    from .runtime import ModelRuntime  # onnxruntime is imported with the first model
+
+    rt = ModelRuntime.load(
+        settings.artifacts_dir,
+        version=None if version in (None, "latest") else version,
+        intra_op_threads=settings.infer_threads,
+        prefer_cuda=settings.prefer_cuda,
+    )
+    timings = rt.warmup(settings.warmup_counts())
+    return rt, timings
+
+
+def _redacted(url: str) -> str:
+    if "@" in url:  # redis://user:password@host -> redis://***@host
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        embedded: RedisServer | None = None
+        url = settings.redis_url
+        if url is None:
+            embedded = RedisServer(settings.embedded_redis_dir, port=None, persist=True)
+            await asyncio.to_thread(embedded.start)
+            url = embedded.url
+            app.state.redis_mode = f"embedded ({embedded.socket_path})"
+            log.warning(
+                "IFA_REDIS_URL is unset: started an embedded redis-server, data in %s",
+                embedded.data_dir,
+            )
+        else:
+            app.state.redis_mode = f"external ({_redacted(url)})"
+        client = make_client(url, settings.redis_timeout_ms, settings.redis_max_connections)
+        store = RedisSequenceStore(
+            client,
+            timeout_ms=settings.redis_timeout_ms,
+            idempotency_ttl_s=settings.idempotency_ttl_s,
+            state_ttl_s=settings.state_ttl_s,
+            on_error=lambda op: metrics.redis_errors.labels(op).inc(),
+        )
+        pool = InferencePool(settings.infer_workers)
+        writeback = StateWriteBack(store, max_pending=settings.state_cache_size)
+        writeback.start()
+        ranker = Ranker(
+            settings=settings,
+            store=store,
+            metrics=metrics,
+            pool=pool,
+            writeback=writeback,
+            loader=partial(load_runtime, settings),
+        )
+        app.state.ranker = ranker
+        try:
+            await ranker.load(settings.model_version)
+        except Exception as e:  # stay up, not ready; /readyz and the log say why
+            ranker.load_error = f"{type(e).__name__}: {e}"
+            log.error("no model loaded: %s", ranker.load_error)
+        try:
+            yield
+        finally:
+            app.state.shutting_down = True
+            await ranker.drain(DRAIN_TIMEOUT_S)
+            await writeback.close(DRAIN_TIMEOUT_S)
+            await pool.shutdown()
+            await client.aclose()
+            if embedded is not None:
+                await asyncio.to_thread(embedded.stop)
+            log.info("shut down")
+
+    app = FastAPI(
+        title="ifa-rank",
+        version="0.1.0",
+        summary="Online reranking with IFA: whole candidate sets against lifelong histories",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.redis_mode = "not started"
+    app.state.shutting_down = False
+    install_error_handlers(app)
+    app.include_router(router)
+    # The last added is the outermost: metrics see every answer, 413s included.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for name in ("service", "ifa_common"):
+        logging.getLogger(name).setLevel(level.upper())
+
+
+def app_from_env() -> FastAPI:
+    """The `uvicorn --factory` entry point: settings from the IFA_* environment."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

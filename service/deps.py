@@ -1,0 +1,52 @@
+"""Typed dependencies: the serving objects live on `app.state`, set by the lifespan."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from .metrics import Metrics
+from .ranker import Ranker
+from .settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_ranker(request: Request) -> Ranker:
+    ranker: Ranker | None = getattr(request.app.state, "ranker", None)
+    if ranker is None:  # only between process start and the lifespan
+        raise HTTPException(503, "starting", headers={"Retry-After": "1"})
+    return ranker
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RankerDep = Annotated[Ranker, Depends(get_ranker)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def require_admin(request: Request, settings: SettingsDep) -> None:
+    """Bearer token from IFA_ADMIN_TOKEN: 404 when none is configured, 401 when wrong."""
+    if settings.admin_token is None:
+        raise HTTPException(404, "Not Found")
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    expected = settings.admin_token.get_secret_value()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), expected.encode()
+    ):
+        raise HTTPException(
+            401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+AdminDep = Annotated[None, Depends(require_admin)]

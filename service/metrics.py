@@ -1,0 +1,148 @@
+"""Prometheus metrics: one registry per app, names and labels per DESIGN section 7.
+
+Every label value the dashboards use is created up front, so a fresh process already
+exposes each series at 0 (alerts on `rate(...)` work from the first scrape).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+# 0.5 ms .. 1 s
+LATENCY_BUCKETS: Final = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+    0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+)  # fmt: skip
+CANDIDATE_BUCKETS: Final = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000, 10_000)
+SEQUENCE_BUCKETS: Final = (0, 10, 100, 1_000, 10_000, 50_000, 100_000, 500_000, 1_000_000)
+
+OUTCOMES: Final = ("ok", "degraded", "rejected", "error")
+STAGES: Final = ("redis", "state", "score", "serialize")
+CACHE_RESULTS: Final = ("hit", "refresh", "miss")
+DEGRADED_REASONS: Final = ("partial_state", "stale_state", "no_history", "overloaded")
+STATE_SOURCES: Final = ("local", "redis", "build")
+
+CONTRACT_METRICS: Final = (
+    "ifa_rank_request_duration_seconds",
+    "ifa_rank_stage_duration_seconds",
+    "ifa_state_cache_total",
+    "ifa_rank_degraded_total",
+    "ifa_rank_candidates",
+    "ifa_sequence_length",
+    "ifa_inflight_requests",
+    "ifa_events_appended_total",
+    "ifa_model_info",
+)
+
+
+class Metrics:
+    """All of the service's metrics, registered in `self.registry` (never the global one)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.request_duration = Histogram(
+            "ifa_rank_request_duration_seconds",
+            "POST /rank latency, from the first byte in to the last byte out",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "ifa_rank_stage_duration_seconds",
+            "Time of one stage of a /rank request",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.state_cache = Counter(
+            "ifa_state_cache_total",
+            "User-state lookups: hit (current), refresh (folded new events), miss (built)",
+            ["result"],
+            registry=r,
+        )
+        self.degraded = Counter(
+            "ifa_rank_degraded_total",
+            "Degraded /rank answers (and overload rejections) by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.candidates = Histogram(
+            "ifa_rank_candidates",
+            "Candidates per /rank request",
+            buckets=CANDIDATE_BUCKETS,
+            registry=r,
+        )
+        self.sequence_length = Histogram(
+            "ifa_sequence_length",
+            "Events in the user's sequence at /rank time",
+            buckets=SEQUENCE_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "ifa_inflight_requests", "/rank requests being served now", registry=r
+        )
+        self.events_appended = Counter(
+            "ifa_events_appended_total",
+            "Events appended to user sequences (idempotent replays not counted)",
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "ifa_model_info",
+            "The model version being served (=1) and its execution provider",
+            ["version", "provider"],
+            registry=r,
+        )
+        # Beyond the contract.
+        self.state_source = Counter(
+            "ifa_state_source_total",
+            "Where the user state of a /rank answer came from",
+            ["source"],
+            registry=r,
+        )
+        self.http_responses = Counter(
+            "ifa_http_responses_total",
+            "Responses of the API routes (health and metrics not counted)",
+            ["route", "code"],
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "ifa_redis_errors_total",
+            "Redis calls that failed or timed out",
+            ["op"],
+            registry=r,
+        )
+        self.background_builds = Counter(
+            "ifa_background_builds_total",
+            "Background state builds (completing a partial answer) by result",
+            ["result"],
+            registry=r,
+        )
+        for o in OUTCOMES:
+            self.request_duration.labels(o)
+        for s in STAGES:
+            self.stage_duration.labels(s)
+        for c in CACHE_RESULTS:
+            self.state_cache.labels(c)
+        for reason in DEGRADED_REASONS:
+            self.degraded.labels(reason)
+        for src in STATE_SOURCES:
+            self.state_source.labels(src)
+        self._model_labels: tuple[str, str] | None = None
+
+    def set_model(self, version: str, provider: str) -> None:
+        if self._model_labels is not None:
+            self.model_info.remove(*self._model_labels)
+        self._model_labels = (version, provider)
+        self.model_info.labels(version, provider).set(1)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

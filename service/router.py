@@ -1,0 +1,177 @@
+"""HTTP routes: parse, call the ranker, shape the answer. The logic lives in `ranker.py`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from ifa_common.manifest import ArtifactError, ArtifactMissing
+
+from .deps import AdminDep, MetricsDep, RankerDep, SettingsDep
+from .ranker import ModelNotReady, Overloaded
+from .schemas import (
+    ErrorBody,
+    EventsRequest,
+    EventsResponse,
+    ModelInfo,
+    RankRequest,
+    RankResponse,
+    ReloadRequest,
+)
+from .store import IdempotencyConflict, StoreUnavailable
+from .web import JSONResponse, error_response, json_bytes, validation_error
+
+ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    413: {"model": ErrorBody, "description": "body larger than IFA_MAX_BODY_BYTES"},
+    422: {"model": ErrorBody, "description": "validation error; `error` names the field"},
+    503: {"model": ErrorBody, "description": "overloaded or not ready; see Retry-After"},
+}
+
+router = APIRouter()
+
+
+def _unavailable(detail: str, retry_after_s: int) -> JSONResponse:
+    return error_response(503, detail, headers={"Retry-After": str(retry_after_s)})
+
+
+@router.post(
+    "/rank",
+    response_model=RankResponse,
+    responses=ERRORS,
+    summary="Score a candidate set for a user, best first",
+)
+async def rank(
+    body: RankRequest,
+    request: Request,
+    ranker: RankerDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> Response:
+    if len(body.candidates) > settings.max_candidates:
+        raise validation_error(
+            "candidates", f"at most {settings.max_candidates} candidates", "too_long"
+        )
+    try:
+        result = await ranker.rank(
+            body.user_id, body.candidates, body.top_k, body.budget_ms, body.request_id
+        )
+    except (Overloaded, ModelNotReady) as e:
+        return _unavailable(str(e), e.retry_after_s)
+    t = time.perf_counter()
+    payload = orjson.dumps(result.to_dict())
+    metrics.stage_duration.labels("serialize").observe(time.perf_counter() - t)
+    request.state.degraded = result.degraded
+    return json_bytes(payload)
+
+
+@router.post(
+    "/events",
+    response_model=EventsResponse,
+    responses={**ERRORS, 409: {"model": ErrorBody, "description": "idempotency key reused"}},
+    summary="Append behaviour events to a user's sequence (idempotent with a key)",
+)
+async def events(body: EventsRequest, ranker: RankerDep, settings: SettingsDep) -> Response:
+    if len(body.events) > settings.max_events_per_call:
+        raise validation_error(
+            "events", f"at most {settings.max_events_per_call} events per call", "too_long"
+        )
+    evs = body.events
+    try:
+        result = await ranker.append_events(
+            body.user_id,
+            [e.item_id for e in evs],
+            [e.ts for e in evs],
+            [-1 if e.category is None else e.category for e in evs],
+            [e.action for e in evs],
+            body.idempotency_key,
+        )
+    except StoreUnavailable:
+        return _unavailable("event store unavailable; retry with the same idempotency_key", 1)
+    except IdempotencyConflict as e:
+        return error_response(409, str(e), "idempotency_key: reused with different events")
+    return JSONResponse(
+        {"user_id": body.user_id, "appended": result.appended, "length": result.length}
+    )
+
+
+@router.get("/healthz", summary="Liveness: the process runs")
+async def healthz() -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: a model is loaded and warm and Redis answers",
+    responses={503: {"description": "not ready; `reason` says why"}},
+)
+async def readyz(request: Request, ranker: RankerDep) -> Response:
+    ready, info = await ranker.readiness()
+    info["redis_mode"] = request.app.state.redis_mode
+    if getattr(request.app.state, "shutting_down", False):
+        ready = False
+        info["reason"] = "shutting down"
+    info["status"] = "ready" if ready else "not_ready"
+    return JSONResponse(info, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics (text format)")
+async def metrics_endpoint(metrics: MetricsDep) -> Response:
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@router.get(
+    "/v1/model",
+    response_model=ModelInfo,
+    responses={503: {"model": ErrorBody}},
+    summary="The model being served",
+)
+async def model_info(ranker: RankerDep) -> Response:
+    slot = ranker.slot
+    if slot is None:
+        return _unavailable(ranker.load_error or "model not loaded", 5)
+    rt = slot.runtime
+    manifest = rt.manifest
+    h, f, d = rt.dims
+    summary = {
+        k: manifest[k]
+        for k in ("version", "created_at", "model_type", "config", "opset", "training", "files")
+        if k in manifest
+    }
+    return JSONResponse(
+        {
+            "version": rt.version,
+            "provider": rt.provider,
+            "providers": rt.providers,
+            "dims": {"heads": h, "d_phi": f, "d_head": d},
+            "manifest": summary,
+            "loaded_at": slot.loaded_at,
+        }
+    )
+
+
+@router.post(
+    "/admin/reload",
+    responses={
+        401: {"model": ErrorBody},
+        404: {"model": ErrorBody, "description": "no admin token configured, or no such version"},
+        422: {"model": ErrorBody, "description": "the artifact fails verification"},
+    },
+    summary="Load, verify and warm another model version; swap it in atomically",
+)
+async def reload(_: AdminDep, ranker: RankerDep, body: ReloadRequest | None = None) -> Response:
+    version = body.version if body is not None else None
+    previous = ranker.slot.version if ranker.slot is not None else None
+    try:
+        slot = await ranker.load(version)
+    except ArtifactMissing as e:
+        return error_response(404, str(e), "version: not found")
+    except (ArtifactError, ValueError, OSError, RuntimeError) as e:
+        return error_response(422, f"artifact cannot be served: {e}", "version: not servable")
+    return JSONResponse(
+        {"version": slot.version, "previous": previous, "provider": slot.runtime.provider}
+    )

@@ -1,0 +1,186 @@
+"""Request and response models of the HTTP API (DESIGN section 5), with /docs examples.
+
+Integers are strict (a string "7" or a float 7.0 is a validation error, not a guess).
+Limits that depend on settings (candidates per request, events per call) are checked
+by the router against `Settings`; the static bounds here are the hard ceilings.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ID_MAX: Final = (1 << 63) - 1
+USER_ID_PATTERN: Final = r"^[A-Za-z0-9_.:@-]{1,128}$"
+KEY_PATTERN: Final = r"^[A-Za-z0-9_.:@+/=-]{1,128}$"
+HARD_MAX_ITEMS: Final = 100_000
+
+UserId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=USER_ID_PATTERN,
+        description="1..128 characters of [A-Za-z0-9_.:@-]",
+        examples=["u42"],
+    ),
+]
+ItemId = Annotated[int, Field(strict=True, ge=0, le=ID_MAX)]
+Category = Annotated[int, Field(strict=True, ge=0, le=ID_MAX)]
+Timestamp = Annotated[int, Field(strict=True, ge=0, le=ID_MAX, description="unix seconds")]
+Action = Annotated[int, Field(strict=True, ge=0, le=(1 << 31) - 1)]
+
+_STRICT: Final = ConfigDict(extra="ignore")
+
+
+class RankRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "u42",
+                    "candidates": [123, 456, 789],
+                    "top_k": 2,
+                    "budget_ms": 40,
+                    "request_id": "req-1",
+                }
+            ]
+        },
+    )
+
+    user_id: UserId
+    candidates: list[ItemId] = Field(
+        min_length=1,
+        max_length=HARD_MAX_ITEMS,
+        description="item ids to score (duplicates allowed and scored); at most IFA_MAX_CANDIDATES",
+    )
+    top_k: Annotated[int, Field(strict=True, ge=1)] | None = Field(
+        default=None, description="return only the best k (default: all, sorted)"
+    )
+    budget_ms: float | None = Field(
+        default=None,
+        gt=0,
+        le=60_000,
+        strict=True,
+        allow_inf_nan=False,
+        description="latency budget in ms (default IFA_DEFAULT_BUDGET_MS)",
+    )
+    request_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]{1,128}$",
+        description="echoed in the response (one is generated when absent)",
+    )
+
+
+class ScoredItem(BaseModel):
+    item_id: int
+    score: float = Field(description="the model's probability for this item within the set")
+
+
+class Timings(BaseModel):
+    redis: float
+    state: float
+    score: float
+    total: float
+
+
+class RankResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "u42",
+                    "request_id": "req-1",
+                    "model_version": "ifa-20250101-000000-0123abcd",
+                    "items": [{"item_id": 456, "score": 0.91}, {"item_id": 123, "score": 0.42}],
+                    "degraded": None,
+                    "timings_ms": {"redis": 0.21, "state": 0.0, "score": 0.35, "total": 0.7},
+                }
+            ]
+        }
+    )
+
+    user_id: str
+    request_id: str
+    model_version: str
+    items: list[ScoredItem] = Field(description="best first")
+    degraded: str | None = Field(
+        description="null, or why the answer is degraded: partial_state, stale_state, no_history"
+    )
+    timings_ms: Timings
+
+
+class Event(BaseModel):
+    model_config = _STRICT
+
+    item_id: ItemId
+    ts: Timestamp
+    category: Category | None = Field(
+        default=None, description="absent: unknown (looked up by the model)"
+    )
+    action: Action = 0
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "u42",
+                    "events": [{"item_id": 7, "ts": 1732700000, "action": 0, "category": 3}],
+                    "idempotency_key": "batch-2024-11-27-0001",
+                }
+            ]
+        },
+    )
+
+    user_id: UserId
+    events: list[Event] = Field(
+        min_length=1,
+        max_length=HARD_MAX_ITEMS,
+        description="stored in the order given; at most IFA_MAX_EVENTS_PER_CALL",
+    )
+    idempotency_key: str | None = Field(
+        default=None,
+        pattern=KEY_PATTERN,
+        description="a retry with the same key appends nothing and returns the first answer",
+    )
+
+
+class EventsResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"user_id": "u42", "appended": 1, "length": 10234}]}
+    )
+
+    user_id: str
+    appended: int
+    length: int
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"version": "v2"}]})
+
+    version: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="artifact version under IFA_ARTIFACTS_DIR (default: `latest`)",
+    )
+
+
+class ErrorBody(BaseModel):
+    detail: Any
+    error: str | None = None
+
+
+class ModelInfo(BaseModel):
+    version: str
+    provider: str
+    providers: list[str]
+    dims: dict[str, int]
+    manifest: dict[str, Any]
+    loaded_at: float

@@ -1,0 +1,151 @@
+"""In-process cache of user states: a bounded LRU, single-flight builds, write-back to Redis.
+
+All of it runs on the event loop thread (no locks): the cache is only touched between
+awaits. One `StateCache` belongs to one model version; a reload starts a new, empty one,
+so a state is never applied to a model it was not built with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+from ifa_common.state import UserState
+
+from .store import SequenceStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class StateCache:
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self._lru: OrderedDict[str, UserState] = OrderedDict()
+        self._flights: dict[str, asyncio.Task[UserState]] = {}
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def __contains__(self, user: object) -> bool:
+        return user in self._lru
+
+    def get(self, user: str) -> UserState | None:
+        state = self._lru.get(user)
+        if state is not None:
+            self._lru.move_to_end(user)
+        return state
+
+    def put(self, user: str, state: UserState) -> None:
+        """Keep the state covering more events: an older, slower build never wins."""
+        old = self._lru.get(user)
+        if old is not None and old.n > state.n:
+            self._lru.move_to_end(user)
+            return
+        self._lru[user] = state
+        self._lru.move_to_end(user)
+        while len(self._lru) > self.capacity:
+            self._lru.popitem(last=False)
+
+    def discard(self, user: str) -> None:
+        self._lru.pop(user, None)
+
+    # ---------------------------------------------------------------- single flight
+    def flight(self, user: str) -> asyncio.Task[UserState] | None:
+        """The build in progress for `user` (a finished one is not returned)."""
+        task = self._flights.get(user)
+        return task if task is not None and not task.done() else None
+
+    def start_flight(
+        self, user: str, build: Callable[[], Awaitable[UserState]]
+    ) -> asyncio.Task[UserState]:
+        """The running build for `user`, or a new one: concurrent callers share it.
+        The result goes into the LRU; the task is dropped from the table when done."""
+        running = self.flight(user)
+        if running is not None:
+            return running
+
+        async def run() -> UserState:
+            state = await build()
+            self.put(user, state)
+            return state
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"state-build:{user}")
+        self._flights[user] = task
+
+        def done(t: asyncio.Task[UserState]) -> None:
+            if self._flights.get(user) is t:
+                del self._flights[user]
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("state build for %s failed: %s", user, t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    def flights(self) -> list[asyncio.Task[UserState]]:
+        return list(self._flights.values())
+
+
+class StateWriteBack:
+    """Writes fresh states to Redis off the request path, batched into one pipeline.
+
+    Pending states are kept per user (the newest wins), so the backlog is bounded by the
+    number of distinct users; a failed write is dropped (the state is only a cache).
+    """
+
+    def __init__(self, store: SequenceStore, max_pending: int = 100_000) -> None:
+        self._store = store
+        self._pending: dict[tuple[str, str], bytes] = {}
+        self._max_pending = max_pending
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="state-writeback")
+
+    def submit(self, user: str, version: str, blob: bytes) -> None:
+        if self._closing:
+            return
+        if len(self._pending) >= self._max_pending and (user, version) not in self._pending:
+            return
+        self._pending[(user, version)] = blob
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def flush(self) -> None:
+        while self._pending:
+            batch = list(self._pending.items())[:512]
+            for k, _ in batch:
+                self._pending.pop(k, None)
+            try:
+                await self._store.write_states([(u, v, b) for (u, v), b in batch])
+            except StoreUnavailable as e:
+                log.debug("state write-back dropped %d states: %s", len(batch), e)
+
+    async def _run(self) -> None:
+        while not self._closing:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+        await self.flush()
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is pending (bounded by `timeout_s`), then stop."""
+        self._closing = True
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(task)
+        except TimeoutError:
+            log.warning("state write-back: %d states not written at shutdown", self.pending)
+            task.cancel()

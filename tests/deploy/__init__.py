@@ -1,0 +1,1 @@
+"""Checks of deploy/: Dockerfile, compose, Kubernetes, Prometheus, Grafana."""

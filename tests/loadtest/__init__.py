@@ -1,0 +1,1 @@
+"""Tests of loadtest/: seeding, the HTTP load client, the bench report, the locust gate."""

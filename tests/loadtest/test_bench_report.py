@@ -1,0 +1,135 @@
+"""The bench report: contracted keys from a real (tiny) run, derived targets, the locust gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest import bench, report
+from loadtest.run import gate
+
+MICRO = {
+    "build_state_ms": {"1000": 0.2, "10000": 1.5, "100000": 15.0},
+    "score_ms": {"100": 0.3, "500": 0.8, "1000": 1.4},
+    "fold_100_ms": 0.1,
+    "state_bytes": 1400,
+    "softmax_full_ms": {"100000": 2000.0},
+    "softmax_full_ms_100k_500": 2000.0,
+    "ifa_warm_ms": 0.8,
+    "ifa_cold_ms": 15.8,
+    "ratio_warm": 2500.0,
+    "ratio_cold": 126.6,
+}
+
+
+def _load(p50: float, p99: float, rps: float) -> dict[str, Any]:
+    return {
+        "p50_ms": p50,
+        "p90_ms": p50 * 1.5,
+        "p99_ms": p99,
+        "max_ms": p99 * 2,
+        "rps": rps,
+        "requests": int(rps * 3),
+        "errors": 0,
+        "repeats": 3,
+    }
+
+
+def test_derive_computes_overhead_and_every_target() -> None:
+    rep: dict[str, Any] = {
+        "inprocess": MICRO,
+        "http": {
+            "load": {
+                "healthz_c1": _load(0.3, 0.6, 2500),
+                "rank_warm_c1": _load(1.5, 4.0, 600),
+                "healthz_c8": _load(1.0, 3.0, 6000),
+                "rank_warm_c8": _load(6.0, 12.0, 900),
+            },
+            "cold": {"p50_ms": 30.0, "server_timings_ms_median": {"redis": 5.0, "state": 20.0}},
+        },
+    }
+    d = bench.derive(rep)
+    assert d["overhead_ratio"] == pytest.approx(1.5 / (0.3 + 0.8))
+    by_name = {t["name"]: t for t in d["targets"]}
+    assert by_name["warm /rank p50 ms (N=100k, M=500, c=1)"]["ok"] is True
+    assert by_name["warm /rank p99 ms (N=100k, M=500, c=8)"]["ok"] is False
+    assert by_name["cold build ms, N=100k (server: redis + state)"]["value"] == 25.0
+    assert by_name["softmax_full / ifa warm (N=100k, M=500)"]["ok"] is True
+    assert all({"name", "value", "target", "ok"} <= set(t) for t in d["targets"])
+    md = report.markdown({**rep, "derived": d, "mode": "quick", "command": "ifa-rank bench"})
+    assert "| rank_warm | 8 |" in md and "Overhead ratio" in md and "| build_state N |" in md
+
+
+def test_derive_without_measurements_marks_targets_unknown() -> None:
+    d = bench.derive({})
+    assert d["targets"] and all(t["ok"] is None for t in d["targets"])
+
+
+def test_gate_fails_on_errors_or_slow_rank(tmp_path: Path) -> None:
+    header = "Type,Name,Request Count,Failure Count,50%,99%,Requests/s\n"
+    ok_rows = "POST,/rank warm,100,0,5,20,50\nPOST,/events,10,0,2,4,5\n,Aggregated,110,0,5,20,55\n"
+    rows = _csv(tmp_path / "a.csv", header + ok_rows)
+    assert gate(rows, p99_ms=50)["ok"] is True
+    assert gate(rows, p99_ms=10)["reasons"] == ["/rank warm p99 20 ms > 10 ms"]
+    bad = _csv(
+        tmp_path / "b.csv", header + "POST,/rank warm,100,1,5,20,50\n,Aggregated,100,1,5,20,50\n"
+    )
+    verdict = gate(bad, p99_ms=50)
+    assert verdict["ok"] is False and verdict["error_rate"] == pytest.approx(0.01)
+
+
+def _csv(path: Path, text: str) -> list[dict[str, str]]:
+    from loadtest.run import read_stats
+
+    path.write_text(text)
+    return read_stats(path)
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_bench_writes_the_contracted_report(
+    tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    plan = bench.BenchPlan(
+        quick=True,
+        repeats=1,
+        duration_s=0.4,
+        warmup_s=0.2,
+        n_events=3000,
+        m=20,
+        warm_users=2,
+        bodies_per_user=2,
+        cold_requests=2,
+        cold_warmup=1,
+        refresh_requests=2,
+        items=50,
+    )
+    out = tmp_path / "reports"
+    bench.run_bench(
+        out,
+        quick=True,
+        client="pyclient",
+        artifacts=str(tiny_artifacts),
+        skip_micro=True,
+        plan=plan,
+    )
+    rep = json.loads((out / "bench.json").read_text())
+    assert {"format", "created_at", "mode", "machine", "versions", "http", "derived"} <= set(rep)
+    assert rep["machine"]["cores_logical"] >= 1 and rep["machine"]["cpu_model"]
+    assert {"python", "onnxruntime", "numpy", "ifa-rank"} <= set(rep["versions"])
+    http = rep["http"]
+    assert http["model"]["version"] == "v1"
+    assert http["settings_env"]["IFA_INFER_THREADS"] == "1"
+    assert http["load_generator"]["chosen"] == "pyclient"
+    for key in ("healthz_c1", "rank_warm_c1", "healthz_c8", "rank_warm_c8"):
+        s = http["load"][key]
+        assert s["requests"] > 0 and s["errors"] == 0, key
+        assert s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"], key
+    assert http["cold"]["requests"] == 2 and http["cold"]["errors"] == 0
+    assert http["refresh_100"]["requests"] == 2
+    assert "overhead_ratio" not in rep["derived"]  # no in-process score time: no ratio
+    md = (out / "bench.md").read_text()
+    assert "## HTTP on loopback" in md and "## Targets" in md
+    assert (out / "bench_http_latency.png").stat().st_size > 0

@@ -1,0 +1,158 @@
+"""The Redis sequence store against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from ifa_common.records import RECORD_SIZE, make_events, pack, unpack
+from service.store import (
+    IdempotencyConflict,
+    RedisSequenceStore,
+    StoreUnavailable,
+    idem_key,
+    make_client,
+    seq_key,
+    state_key,
+)
+
+
+def run_with_store(url: str, fn: Callable[[RedisSequenceStore], Awaitable[Any]], **kw: Any) -> Any:
+    async def main() -> Any:
+        client = make_client(url, kw.pop("timeout_ms", 1000), 64)
+        store = RedisSequenceStore(
+            client,
+            timeout_ms=kw.pop("store_timeout_ms", 1000),
+            idempotency_ttl_s=600,
+            state_ttl_s=600,
+        )
+        try:
+            return await fn(store)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def records(items: list[int], t0: int = 1_700_000_000) -> bytes:
+    return pack(make_events(items, [t0 + i for i in range(len(items))]))
+
+
+def test_keys_put_the_user_in_a_hash_tag() -> None:
+    assert seq_key("u1") == "ifa:seq:{u1}"
+    assert state_key("u1", "v3") == "ifa:state:{u1}:v3"
+    assert idem_key("u1", "k") == "ifa:idem:{u1}:k"
+
+
+def test_append_and_read_tail(redis_url: str) -> None:
+    async def go(store: RedisSequenceStore) -> None:
+        r1 = await store.append("a", records([1, 2, 3]), None)
+        r2 = await store.append("a", records([4, 5]), None)
+        assert (r1.appended, r1.length, r2.appended, r2.length) == (3, 3, 2, 5)
+        assert await store.length("a") == 5
+        tail = await store.read_range("a", 3, 5)
+        assert tail["item_id"].tolist() == [4, 5]
+        assert (await store.read_range("a", 0, 5))["item_id"].tolist() == [1, 2, 3, 4, 5]
+        assert (await store.read_range("a", 5, 5)).shape == (0,)
+        assert await store.length("nobody") == 0
+
+    run_with_store(redis_url, go)
+    with redis.Redis.from_url(redis_url) as c:
+        raw = c.get(seq_key("a"))
+        assert raw is not None and len(raw) == 5 * RECORD_SIZE  # packed binary, no JSON
+
+
+def test_long_reads_are_chunked_and_exact(redis_url: str) -> None:
+    n = 70_000  # > 2 GETRANGE chunks
+    items = np.arange(n, dtype=np.int64)
+    with redis.Redis.from_url(redis_url) as c:
+        c.append(seq_key("long"), pack(make_events(items, items)))
+
+    async def go(store: RedisSequenceStore) -> np.ndarray:
+        return await store.read_range("long", 1, n)
+
+    got = run_with_store(redis_url, go)
+    assert np.array_equal(got["item_id"], items[1:])
+
+
+def test_snapshot_is_one_round_trip_view(redis_url: str) -> None:
+    async def go(store: RedisSequenceStore) -> None:
+        await store.append("s", records(list(range(10))), None)
+        cold = await store.snapshot("s", "v1", have_n=None, tail_cap=4)
+        assert (cold.length, cold.state_blob, cold.tail_from) == (10, None, None)
+        await store.write_states([("s", "v1", b"STATE")])
+        cold = await store.snapshot("s", "v1", have_n=None, tail_cap=4)
+        assert cold.state_blob == b"STATE"
+        assert (await store.snapshot("s", "v2", None, 4)).state_blob is None  # per version
+        warm = await store.snapshot("s", "v1", have_n=7, tail_cap=4)
+        assert warm.length == 10 and warm.tail_from == 7
+        assert unpack(warm.tail)["item_id"].tolist() == [7, 8, 9]
+        capped = await store.snapshot("s", "v1", have_n=2, tail_cap=4)
+        assert unpack(capped.tail)["item_id"].tolist() == [2, 3, 4, 5]
+
+    run_with_store(redis_url, go)
+
+
+def test_idempotent_append_returns_the_original_answer(redis_url: str) -> None:
+    async def go(store: RedisSequenceStore) -> None:
+        first = await store.append("i", records([1, 2]), "key-1")
+        await store.append("i", records([3]), None)
+        again = await store.append("i", records([1, 2]), "key-1")
+        assert (first.appended, first.length, first.replayed) == (2, 2, False)
+        assert (again.appended, again.length, again.replayed) == (2, 2, True)
+        assert await store.length("i") == 3
+        with pytest.raises(IdempotencyConflict):
+            await store.append("i", records([9, 9]), "key-1")
+        # keys are per user
+        other = await store.append("j", records([1, 2]), "key-1")
+        assert (other.appended, other.replayed) == (2, False)
+
+    run_with_store(redis_url, go)
+    with redis.Redis.from_url(redis_url) as c:
+        ttl = c.ttl(idem_key("i", "key-1"))
+        assert 0 < ttl <= 600
+
+
+def test_concurrent_writers_lose_and_duplicate_nothing(redis_url: str) -> None:
+    writers, per_writer = 8, 500
+
+    async def writer(store: RedisSequenceStore, w: int) -> None:
+        for i in range(per_writer):
+            item = w * 1_000_000 + i
+            key = f"w{w}-{i}"
+            await store.append("c", records([item]), key)
+            if i % 50 == 0:  # a retry of an acknowledged append must not duplicate it
+                await store.append("c", records([item]), key)
+
+    async def go(store: RedisSequenceStore) -> np.ndarray:
+        await asyncio.gather(*(writer(store, w) for w in range(writers)))
+        return await store.read_range("c", 0, await store.length("c"))
+
+    got = run_with_store(redis_url, go)
+    assert got.shape[0] == writers * per_writer
+    expected = {w * 1_000_000 + i for w in range(writers) for i in range(per_writer)}
+    assert set(got["item_id"].tolist()) == expected
+    for w in range(writers):  # each writer's events stay in the order it sent them
+        mine = got["item_id"][(got["item_id"] // 1_000_000) == w]
+        assert np.all(np.diff(mine) > 0)
+
+
+def test_unreachable_redis_is_store_unavailable() -> None:
+    from service.embedded_redis import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+
+    async def go(store: RedisSequenceStore) -> None:
+        with pytest.raises(StoreUnavailable):
+            await store.snapshot("x", "v1", None, 4)
+        with pytest.raises(StoreUnavailable):
+            await store.append("x", records([1]), "k")
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+
+    run_with_store(url, go, timeout_ms=200, store_timeout_ms=200)
