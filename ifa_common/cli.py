@@ -23,7 +23,7 @@ def _lazy(target: str) -> Handler:
     return run
 
 
-def _add_data(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare data sets (MovieLens-100k, lifelong synthetic)")
     kinds = p.add_subparsers(dest="kind", required=True)
     ml = kinds.add_parser("movielens", help="fetch MovieLens-100k from the recbole==1.2.1 wheel")
@@ -41,17 +41,27 @@ def _add_data(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     syn.set_defaults(func=_lazy("model_export.commands:data_synthetic"))
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_train(sub: argparse._SubParsersAction) -> None:
     models = "ifa,din,sim_hard,twin,softmax_full,mean_pool"
-    p = sub.add_parser("train", help="train one model; writes checkpoint.pt, metrics.json, curves.png")
-    p.add_argument("--data", default="movielens", help="movielens | synthetic | PATH (.csv/.parquet)")
+    p = sub.add_parser(
+        "train", help="train one model; writes checkpoint.pt, metrics.json, curves.png"
+    )
+    p.add_argument(
+        "--data", default="movielens", help="movielens | synthetic | PATH (.csv/.parquet)"
+    )
     p.add_argument("--model", default="ifa", choices=models.split(","))
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--preset", default="small", choices=["tiny", "small", "full"])
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model/train config field, e.g. --set feature_map=elu")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model/train config field, e.g. --set feature_map=elu",
+    )
     p.set_defaults(func=_lazy("model_export.train:main"))
 
     e = sub.add_parser("evaluate", help="metrics of a saved checkpoint on a data set's test split")
@@ -60,7 +70,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     e.add_argument("--split", default="test", choices=["valid", "test"])
     e.set_defaults(func=_lazy("model_export.evaluate:main"))
 
-    c = sub.add_parser("compare", help="train several models with one seed and budget; table + chart")
+    c = sub.add_parser(
+        "compare", help="train several models with one seed and budget; table + chart"
+    )
     c.add_argument("--data", default="movielens")
     c.add_argument("--models", default=models)
     c.add_argument("--out", required=True)
@@ -77,7 +89,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     x.set_defaults(func=_lazy("model_export.commands:export"))
 
 
-def _add_service(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_service(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="run the ranking service under uvicorn (settings: IFA_*)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
@@ -92,24 +104,42 @@ def _add_service(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     d.add_argument("--items", type=int, default=20_000)
     d.add_argument("--prefix", default="bench", help="user id prefix")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--length-dist", default="fixed", choices=["fixed", "loguniform"],
-                   help="loguniform: each user's length in [--min-length, --length]")
+    d.add_argument(
+        "--length-dist",
+        default="fixed",
+        choices=["fixed", "loguniform"],
+        help="loguniform: each user's length in [--min-length, --length]",
+    )
     d.add_argument("--min-length", type=int, default=1000)
     d.add_argument("--categories", type=int, default=200, help="category = item_id %% this")
-    d.add_argument("--data", default=None,
-                   help="MovieLens generic-format file (default: data/ml-100k/ml100k.parquet)")
-    d.add_argument("--via-http", default=None, metavar="URL",
-                   help="POST batches to URL/events (idempotent) instead of writing Redis")
-    d.add_argument("--append", action="store_true",
-                   help="keep existing histories (default: reset the seeded users first)")
+    d.add_argument(
+        "--data",
+        default=None,
+        help="MovieLens generic-format file (default: data/ml-100k/ml100k.parquet)",
+    )
+    d.add_argument(
+        "--via-http",
+        default=None,
+        metavar="URL",
+        help="POST batches to URL/events (idempotent) instead of writing Redis",
+    )
+    d.add_argument(
+        "--append",
+        action="store_true",
+        help="keep existing histories (default: reset the seeded users first)",
+    )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=_lazy("loadtest.seed:main"))
 
     b = sub.add_parser("bench", help="benchmark: in-process model costs and HTTP latency")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", default="reports")
-    b.add_argument("--client", default="auto", choices=["auto", "wrk", "pyclient"],
-                   help="HTTP load generator (auto: the one with the higher ceiling)")
+    b.add_argument(
+        "--client",
+        default="auto",
+        choices=["auto", "wrk", "pyclient"],
+        help="HTTP load generator (auto: the one with the higher ceiling)",
+    )
     b.add_argument("--artifacts", default=None, help="artifacts dir (default: IFA_ARTIFACTS_DIR)")
     b.add_argument("--repeats", type=int, default=None, help="runs per figure (median)")
     b.add_argument("--duration", type=float, default=None, help="seconds per load run")

@@ -71,8 +71,14 @@ def _xp(x: Any) -> Any:
 
 
 def fold_arrays(
-    S_a: Any, z_a: Any, m_a: Any, t_a: Any,
-    S_b: Any, z_b: Any, m_b: Any, t_b: Any,
+    S_a: Any,
+    z_a: Any,
+    m_a: Any,
+    t_a: Any,
+    S_b: Any,
+    z_b: Any,
+    m_b: Any,
+    t_b: Any,
     decay: Any,
 ) -> tuple[Any, Any, Any, Any]:
     """Fold two states; numpy arrays or torch tensors, with any leading batch dims.
@@ -102,8 +108,14 @@ def fold(a: UserState, b: UserState, decay: np.ndarray) -> UserState:
     """state(A ∪ B) from state(A) and state(B). `decay` (H,) is in 1/seconds."""
     lam = np.asarray(decay, dtype=np.float64)
     S, z, m, t = fold_arrays(
-        a.S, a.z, a.m.astype(np.float64), np.int64(a.t_ref),
-        b.S, b.z, b.m.astype(np.float64), np.int64(b.t_ref),
+        a.S,
+        a.z,
+        a.m.astype(np.float64),
+        np.int64(a.t_ref),
+        b.S,
+        b.z,
+        b.m.astype(np.float64),
+        np.int64(b.t_ref),
         lam,
     )
     return UserState(S=S, z=z, m=m, t_ref=int(t), n=a.n + b.n)

@@ -259,14 +259,6 @@ def summarise_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- HTTP bench
 def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="ifa-bench-artifacts-") as tmp:
-        served, source = resolve_artifacts(artifacts, Path(tmp))
-        result = _http_bench(plan, served, out_dir, choice)
-        result["artifact"] = source
-        return result
-
-
-def _http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> dict[str, Any]:
     import redis
 
     from loadtest.seed import seed_synthetic, seq_key
@@ -485,18 +477,10 @@ def run_bench(
         "versions": versions(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not skip_micro:
-        t0 = time.perf_counter()
-        try:
-            rep["inprocess"] = inprocess(quick, artifacts)
-        except Exception as e:  # a missing artifact or torch must not lose the HTTP part
-            log.exception("in-process microbench failed")
-            rep["inprocess"] = {"error": f"{type(e).__name__}: {e}"}
-        rep["inprocess_s"] = time.perf_counter() - t0
-    if not skip_http:
-        t0 = time.perf_counter()
-        rep["http"] = http_bench(plan, artifacts, out_dir, client)
-        rep["http_s"] = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="ifa-bench-artifacts-") as tmp:
+        # One artifact for both parts (exported once when there is none).
+        artifacts, rep["artifact"] = resolve_artifacts(artifacts, Path(tmp))
+        _measure(rep, plan, artifacts, out_dir, client, skip_micro, skip_http)
     rep["derived"] = derive(rep)
     rep["machine"]["load_avg_at_end"] = list(os.getloadavg())
     rep["elapsed_s"] = time.time() - started
@@ -506,6 +490,29 @@ def run_bench(
     (out_dir / "bench.md").write_text(report.markdown(rep))
     (out_dir / "bench.json").write_text(json.dumps(rep, indent=2, default=_json_default) + "\n")
     return rep
+
+
+def _measure(
+    rep: dict[str, Any],
+    plan: BenchPlan,
+    artifacts: str,
+    out_dir: Path,
+    client: str,
+    skip_micro: bool,
+    skip_http: bool,
+) -> None:
+    if not skip_micro:
+        t0 = time.perf_counter()
+        try:
+            rep["inprocess"] = inprocess(plan.quick, artifacts)
+        except Exception as e:  # a missing artifact or torch must not lose the HTTP part
+            log.exception("in-process microbench failed")
+            rep["inprocess"] = {"error": f"{type(e).__name__}: {e}"}
+        rep["inprocess_s"] = time.perf_counter() - t0
+    if not skip_http:
+        t0 = time.perf_counter()
+        rep["http"] = http_bench(plan, artifacts, out_dir, client)
+        rep["http_s"] = time.perf_counter() - t0
 
 
 def _json_default(o: Any) -> Any:
@@ -520,7 +527,8 @@ def _json_default(o: Any) -> Any:
 
 def main(args: argparse.Namespace) -> int:
     """Handler of `ifa-rank bench`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
     out = Path(args.out)
     rep = run_bench(
         out,

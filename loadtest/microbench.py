@@ -5,7 +5,7 @@
 `run_microbench(quick)` returns a dict (every figure in ms, median of repeats after a
 warm-up): build_state at N = 1k/10k/100k, score at M = 100/500/1000, the refresh of a
 cached state with 100 new events (build + fold), the state's size, and the PyTorch
-`softmax_full` forward at N = 100k, M = 500 with the same dims, plus the ratios
+`softmax_full` forward at the same N with M = 500 and the same dims, plus the ratios
 softmax_full / ifa warm (score only) and / ifa cold (build_state(100k) + score).
 
 The runtime part needs only onnxruntime; it loads `<artifacts>/latest` when that has the
@@ -38,15 +38,22 @@ REF_N, REF_M = 100_000, 500
 T0 = 1_700_000_000
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+def _measure(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """(wall ms, process CPU ms), medians. CPU time is the figure to trust on a shared
+    box: other processes stretch wall time but not the CPU this work needs."""
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    return float(np.median(wall)), float(np.median(cpu))
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    return _measure(fn, repeats, warmup)[0]
 
 
 def _events(n: int, seed: int = 0) -> np.ndarray:
@@ -85,7 +92,7 @@ def _runtime(artifacts: Path | None, tmp: Path) -> tuple[ModelRuntime, str]:
     return ModelRuntime.load(tmp, path.name, intra_op_threads=1, prefer_cuda=False), "fresh export"
 
 
-def _softmax_full_ms(n: int, m: int, repeats: int) -> tuple[float, int]:
+def _softmax_full_ms(n: int, m: int, repeats: int) -> tuple[float, float, int]:
     """PyTorch softmax_full forward (one request, N events, M candidates), default dims."""
     import torch
 
@@ -108,14 +115,22 @@ def _softmax_full_ms(n: int, m: int, repeats: int) -> tuple[float, int]:
         label=torch.zeros(1, m),
         exposed=torch.ones(1, m, dtype=torch.bool),
     )
-    with torch.inference_mode():
-        ms = _median_ms(lambda: model(batch), repeats)
-    return ms, torch.get_num_threads()
+    # One thread, like the ORT sessions (IFA_INFER_THREADS=1): a like-for-like ratio, and
+    # torch's OpenMP pool degrades badly when the box is oversubscribed.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            wall, cpu = _measure(lambda: model(batch), repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return wall, cpu, 1
 
 
 def run_microbench(quick: bool, artifacts_dir: str | Path | None = "artifacts") -> dict[str, Any]:
     repeats = 3 if quick else 9
     rng = np.random.default_rng(1)
+    load_start = list(os.getloadavg())
     out: dict[str, Any] = {"quick": quick, "repeats": repeats, "unit": "ms, median after warm-up"}
     with tempfile.TemporaryDirectory(prefix="ifa-microbench-") as tmp:
         rt, source = _runtime(Path(artifacts_dir) if artifacts_dir else None, Path(tmp))
@@ -128,31 +143,46 @@ def run_microbench(quick: bool, artifacts_dir: str | Path | None = "artifacts") 
 
         histories = {n: _events(n, seed=n) for n in BUILD_SIZES}
         build: dict[str, float] = {}
+        build_cpu: dict[str, float] = {}
         for n, ev in histories.items():
             reps = repeats if n < 100_000 else max(3, repeats // 2)
-            build[str(n)] = _median_ms(partial(rt.build_state, ev), reps)
-        out["build_state_ms"] = build
+            build[str(n)], build_cpu[str(n)] = _measure(partial(rt.build_state, ev), reps)
+        out["build_state_ms"], out["build_state_cpu_ms"] = build, build_cpu
         state = rt.build_state(histories[REF_N])
         cands = {m: rng.integers(0, 20_000, m) for m in SCORE_SIZES}
-        out["score_ms"] = {
-            str(m): _median_ms(partial(rt.score, state, c), repeats * 5) for m, c in cands.items()
-        }
+        score: dict[str, float] = {}
+        score_cpu: dict[str, float] = {}
+        for m, c in cands.items():
+            score[str(m)], score_cpu[str(m)] = _measure(partial(rt.score, state, c), repeats * 5)
+        out["score_ms"], out["score_cpu_ms"] = score, score_cpu
         new = _events(100, seed=7)
         new["ts"] += 3 * 365 * 86_400  # the new tail comes after the cached history
-        out["fold_100_ms"] = _median_ms(lambda: rt.fold(state, rt.build_state(new)), repeats * 5)
+        out["fold_100_ms"], out["fold_100_cpu_ms"] = _measure(
+            lambda: rt.fold(state, rt.build_state(new)), repeats * 5
+        )
         tail = rt.build_state(new)
         out["fold_only_ms"] = _median_ms(partial(rt.fold, state, tail), repeats * 5)
         out["state_bytes"] = len(rt.serialize_state(state))
 
-    soft, threads = _softmax_full_ms(REF_N, REF_M, 3 if quick else 5)
-    out["softmax_full_ms"] = {str(REF_N): soft}
-    out["softmax_full_ms_100k_500"] = soft
+    soft_ms: dict[str, float] = {}
+    soft_cpu: dict[str, float] = {}
+    threads = 0
+    for n in BUILD_SIZES:  # M = REF_M candidates at every N
+        reps = (3 if quick else 5) if n >= REF_N else repeats
+        soft_ms[str(n)], soft_cpu[str(n)], threads = _softmax_full_ms(n, REF_M, reps)
+    out["softmax_full_ms"], out["softmax_full_cpu_ms"] = soft_ms, soft_cpu
+    soft = out["softmax_full_ms_100k_500"] = soft_ms[str(REF_N)]
     out["torch_threads"] = threads
     warm = out["score_ms"][str(REF_M)]
     cold = out["build_state_ms"][str(REF_N)] + warm
     out["ifa_warm_ms"], out["ifa_cold_ms"] = warm, cold
     out["ratio_warm"], out["ratio_cold"] = soft / warm, soft / cold
-    out["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    out["machine"] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_avg_at_start": load_start,
+        "load_avg_at_end": list(os.getloadavg()),
+    }
     return out
 
 

@@ -83,12 +83,14 @@ class LocalService:
         env: dict[str, str] | None = None,
         redis_url: str | None = None,
         ready_timeout_s: float = 180.0,
+        cwd: str | Path | None = None,
     ) -> None:
         self.artifacts_dir = Path(artifacts_dir) if artifacts_dir else None
         self.log_path = log_path
         self.extra_env = dict(env or {})
         self.redis_url = redis_url
         self.ready_timeout_s = ready_timeout_s
+        self.cwd = cwd  # where `service` is imported from (A/B runs of a patched copy)
         self.port = 0
         self.host = "127.0.0.1"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -137,6 +139,7 @@ class LocalService:
         self.proc = subprocess.Popen(
             uvicorn_command(self.host, self.port),
             env=env,
+            cwd=self.cwd,
             stdin=subprocess.DEVNULL,
             stdout=self._log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT if self._log else subprocess.DEVNULL,

@@ -17,24 +17,32 @@ METRICS = ("auc", "gauc", "ndcg@10", "logloss")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": runs[0]["model"], "seeds": len(runs),
-                           "params": runs[0]["params"],
-                           "train_seconds": float(np.mean([r["train_seconds"] for r in runs]))}
+    row: dict[str, Any] = {
+        "model": runs[0]["model"],
+        "seeds": len(runs),
+        "params": runs[0]["params"],
+        "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
+    }
     for key in METRICS:
         values = [r["test"][key] for r in runs]
-        row[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
-                    "runs": values}
+        row[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": values}
     return row
 
 
 def to_markdown(rows: list[dict[str, Any]], data: str, command: str) -> str:
-    lines = [f"Data: `{data}`. Command: `{command}`. Test split, mean ± std over seeds.", "",
-             "| model | AUC | GAUC | NDCG@10 | logloss | params | train s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Data: `{data}`. Command: `{command}`. Test split, mean ± std over seeds.",
+        "",
+        "| model | AUC | GAUC | NDCG@10 | logloss | params | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         cells = [f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f}" for k in METRICS]
-        lines.append(f"| {r['model']} | " + " | ".join(cells)
-                     + f" | {r['params']:,} | {r['train_seconds']:.0f} |")
+        lines.append(
+            f"| {r['model']} | "
+            + " | ".join(cells)
+            + f" | {r['params']:,} | {r['train_seconds']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -51,10 +59,15 @@ def main(args: argparse.Namespace) -> int:
         row = summarise(runs)
         rows.append(row)
         print(f"{name}: test auc {row['auc']['mean']:.4f} ± {row['auc']['std']:.4f}", flush=True)
-    command = (f"ifa-rank compare --data {args.data} --models {args.models} --preset "
-               f"{args.preset} --seeds {args.seeds} --out {args.out}")
-    (out / "compare.json").write_text(json.dumps({"data": args.data, "preset": args.preset,
-                                                  "seeds": seeds, "rows": rows}, indent=2))
+    command = (
+        f"ifa-rank compare --data {args.data} --models {args.models} --preset "
+        f"{args.preset} --seeds {args.seeds} --out {args.out}"
+    )
+    (out / "compare.json").write_text(
+        json.dumps(
+            {"data": args.data, "preset": args.preset, "seeds": seeds, "rows": rows}, indent=2
+        )
+    )
     table = to_markdown(rows, args.data, command)
     (out / "compare.md").write_text(table)
     plot_compare(rows, out / "compare.png", title=f"test metrics on {args.data}")

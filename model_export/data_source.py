@@ -23,9 +23,15 @@ def resolve_path(data: str, preset: str | None) -> Path:
         path = DATA_ROOT / "synthetic" / f"lifelong-{preset or 'small'}.parquet"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            frame = generate(users=spec.users, min_len=spec.min_len, max_len=spec.max_len,
-                             items=spec.items, categories=spec.categories,
-                             requests_per_user=spec.requests, seed=0)
+            frame = generate(
+                users=spec.users,
+                min_len=spec.min_len,
+                max_len=spec.max_len,
+                items=spec.items,
+                categories=spec.categories,
+                requests_per_user=spec.requests,
+                seed=0,
+            )
             tmp = path.with_suffix(".tmp.parquet")
             frame.to_parquet(tmp, index=False)
             tmp.replace(path)
@@ -41,6 +47,5 @@ def load_dataset(data: str, cfg: ModelConfig, tc: TrainConfig, preset: str | Non
     from model_export.data.logs import load_log
 
     log = load_log(resolve_path(data, preset))
-    dataset = build_dataset(log, cfg, set_size=tc.set_size, seed=tc.seed,
-                            max_users=tc.max_users)
+    dataset = build_dataset(log, cfg, set_size=tc.set_size, seed=tc.seed, max_users=tc.max_users)
     return dataset

@@ -42,6 +42,10 @@ def main(args: argparse.Namespace) -> int:
     tc = TrainConfig(**ckpt["train_config"])
     dataset = load_dataset(args.data, model.cfg, tc, preset=None)
     result = evaluate_split(model, dataset, args.split)
-    print(json.dumps({"model": ckpt["model"], "data": args.data, "split": args.split,
-                      args.split: result}, indent=2))
+    print(
+        json.dumps(
+            {"model": ckpt["model"], "data": args.data, "split": args.split, args.split: result},
+            indent=2,
+        )
+    )
     return 0

@@ -298,22 +298,24 @@ def _export_dynamo(
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registry_log.level
     registry_log.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module,
-            args,
-            dynamo=True,
-            input_names=list(io[0]),
-            output_names=list(io[1]),
-            dynamic_shapes=_dynamic_shapes(kind),
-            custom_translation_table=_amax_translation(),
-            opset_version=OPSET,
-            optimize=True,
-            verbose=False,
-            external_data=False,
-        )
-    registry_log.setLevel(level)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                input_names=list(io[0]),
+                output_names=list(io[1]),
+                dynamic_shapes=_dynamic_shapes(kind),
+                custom_translation_table=_amax_translation(),
+                opset_version=OPSET,
+                optimize=True,
+                verbose=False,
+                external_data=False,
+            )
+    finally:
+        registry_log.setLevel(level)
     if program is None:
         raise ExportError("dynamo exporter returned no program")
     program.save(str(path), external_data=False)

@@ -105,8 +105,13 @@ class MetricAccumulator:
 
     def compute(self) -> dict[str, float]:
         if not self.labels:
-            return {"auc": float("nan"), "gauc": float("nan"), "ndcg@10": float("nan"),
-                    "logloss": float("nan"), "candidates": 0}
+            return {
+                "auc": float("nan"),
+                "gauc": float("nan"),
+                "ndcg@10": float("nan"),
+                "logloss": float("nan"),
+                "candidates": 0,
+            }
         y = np.concatenate(self.labels)
         s = np.concatenate(self.logits)
         u = np.concatenate(self.users)
@@ -115,5 +120,5 @@ class MetricAccumulator:
             "gauc": gauc(u, y, s),
             "ndcg@10": self.ndcg_sum / self.ndcg_sets if self.ndcg_sets else float("nan"),
             "logloss": logloss(y, s),
-            "candidates": int(len(y)),
+            "candidates": len(y),
         }

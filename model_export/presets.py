@@ -20,7 +20,7 @@ class TrainConfig:
     listwise_weight: float = 0.5  # loss = BCE + listwise_weight * listwise softmax CE
     patience: int = 2  # epochs without valid AUC gain before stopping
     max_users: int = 0  # 0 = all; >0 keeps the first users (tests, smoke runs)
-    threads: int = 2  # torch intra-op threads
+    threads: int = 1  # torch intra-op threads (small ops: one thread beats two on 2 cores)
     seed: int = 0
 
 
@@ -36,8 +36,15 @@ class SyntheticSpec:
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
-        "model": {"item_buckets": 4096, "category_buckets": 64, "d_model": 16, "heads": 2,
-                  "d_head": 4, "decay_per_day": (0.0, 0.0), "mlp_hidden": (16,)},
+        "model": {
+            "item_buckets": 4096,
+            "category_buckets": 64,
+            "d_model": 16,
+            "heads": 2,
+            "d_head": 4,
+            "decay_per_day": (0.0, 0.0),
+            "mlp_hidden": (16,),
+        },
         "train": {"epochs": 1, "users_per_step": 4, "set_size": 20, "max_users": 24},
     },
     "small": {
@@ -45,19 +52,27 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"epochs": 6},
     },
     "full": {
-        "model": {"item_buckets": 262_144, "d_model": 64, "heads": 4, "d_head": 16,
-                  "mlp_hidden": (128, 64)},
+        "model": {
+            "item_buckets": 262_144,
+            "d_model": 64,
+            "heads": 4,
+            "d_head": 16,
+            "mlp_hidden": (128, 64),
+        },
         "train": {"epochs": 15, "patience": 3},
     },
 }
 
 SYNTHETIC: dict[str, SyntheticSpec] = {
-    "tiny": SyntheticSpec(users=24, min_len=200, max_len=2_000, items=2_000, categories=40,
-                          requests=6),
-    "small": SyntheticSpec(users=240, min_len=1_000, max_len=10_000, items=10_000,
-                           categories=100, requests=10),
-    "full": SyntheticSpec(users=2_000, min_len=1_000, max_len=100_000, items=50_000,
-                          categories=200, requests=10),
+    "tiny": SyntheticSpec(
+        users=24, min_len=200, max_len=2_000, items=2_000, categories=40, requests=6
+    ),
+    "small": SyntheticSpec(
+        users=240, min_len=1_000, max_len=10_000, items=10_000, categories=100, requests=10
+    ),
+    "full": SyntheticSpec(
+        users=2_000, min_len=1_000, max_len=100_000, items=50_000, categories=200, requests=10
+    ),
 }
 
 

@@ -32,7 +32,11 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 def train_model(
-    data: str, cfg: ModelConfig, tc: TrainConfig, out: Path, preset: str = "small",
+    data: str,
+    cfg: ModelConfig,
+    tc: TrainConfig,
+    out: Path,
+    preset: str = "small",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train, keep the best epoch by valid AUC, test it, write the three outputs."""
@@ -50,8 +54,13 @@ def train_model(
         model.train()
         losses: list[float] = []
         batches = list(dataset.batches("train", shuffle=True, epoch=epoch))
-        bar = tqdm(batches, desc=f"{cfg.model} epoch {epoch + 1}/{tc.epochs}",
-                   unit="user", disable=not progress, leave=False)
+        bar = tqdm(
+            batches,
+            desc=f"{cfg.model} epoch {epoch + 1}/{tc.epochs}",
+            unit="user",
+            disable=not progress,
+            leave=False,
+        )
         opt.zero_grad()
         pending = 0
         for i, batch in enumerate(bar):
@@ -68,11 +77,18 @@ def train_model(
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         valid = evaluate_split(model, dataset, "valid")
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-                        **{f"valid_{k}": float(v) for k, v in valid.items()}})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(losses)),
+                **{f"valid_{k}": float(v) for k, v in valid.items()},
+            }
+        )
         if progress:
-            tqdm.write(f"{cfg.model} epoch {epoch + 1}: loss {np.mean(losses):.4f} "
-                       f"valid auc {valid['auc']:.4f} gauc {valid['gauc']:.4f}")
+            tqdm.write(
+                f"{cfg.model} epoch {epoch + 1}: loss {np.mean(losses):.4f} "
+                f"valid auc {valid['auc']:.4f} gauc {valid['gauc']:.4f}"
+            )
         score = valid["auc"] if not math.isnan(valid["auc"]) else -float(np.mean(losses))
         if score > best_auc:
             best_auc, best_epoch = score, epoch + 1
@@ -125,8 +141,10 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     rows = ["| split | auc | gauc | ndcg@10 | logloss |", "|---|---|---|---|---|"]
     for split in ("valid", "test"):
         m = metrics[split]
-        rows.append(f"| {split} | {m['auc']:.4f} | {m['gauc']:.4f} | {m['ndcg@10']:.4f} "
-                    f"| {m['logloss']:.4f} |")
+        rows.append(
+            f"| {split} | {m['auc']:.4f} | {m['gauc']:.4f} | {m['ndcg@10']:.4f} "
+            f"| {m['logloss']:.4f} |"
+        )
     return "\n".join(rows)
 
 
@@ -134,8 +152,10 @@ def main(args: argparse.Namespace) -> int:
     cfg, tc = resolve(args.preset, args.model, args.overrides, args.epochs, args.seed)
     out = Path(args.out)
     metrics = train_model(args.data, cfg, tc, out, preset=args.preset)
-    print(f"{cfg.model} on {args.data}: {metrics['params']:,} params, "
-          f"{metrics['train_seconds']:.1f}s, best epoch {metrics['best_epoch']}")
+    print(
+        f"{cfg.model} on {args.data}: {metrics['params']:,} params, "
+        f"{metrics['train_seconds']:.1f}s, best epoch {metrics['best_epoch']}"
+    )
     print(format_metrics(metrics))
     print(f"wrote {out / 'checkpoint.pt'}, {out / 'metrics.json'}, {out / 'curves.png'}")
     return 0

@@ -15,7 +15,7 @@ from functools import partial
 
 from fastapi import FastAPI
 
-from .embedded_redis import RedisServer
+from .embedded_redis import RedisServer, supervise
 from .inference import InferencePool, Runtime
 from .metrics import Metrics
 from .ranker import Ranker
@@ -57,11 +57,14 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embedded: RedisServer | None = None
+        supervisor: asyncio.Task[None] | None = None
         url = settings.redis_url
         if url is None:
             embedded = RedisServer(settings.embedded_redis_dir, port=None, persist=True)
             await asyncio.to_thread(embedded.start)
             url = embedded.url
+            supervisor = asyncio.get_running_loop().create_task(supervise(embedded))
+            app.state.embedded_redis = embedded
             app.state.redis_mode = f"embedded ({embedded.socket_path})"
             log.warning(
                 "IFA_REDIS_URL is unset: started an embedded redis-server, data in %s",
@@ -102,6 +105,8 @@ def create_app(settings: Settings) -> FastAPI:
             await writeback.close(DRAIN_TIMEOUT_S)
             await pool.shutdown()
             await client.aclose()
+            if supervisor is not None:
+                supervisor.cancel()
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
             log.info("shut down")
@@ -115,6 +120,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.redis_mode = "not started"
+    app.state.embedded_redis = None
     app.state.shutting_down = False
     install_error_handlers(app)
     app.include_router(router)

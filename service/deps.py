@@ -1,4 +1,8 @@
-"""Typed dependencies: the serving objects live on `app.state`, set by the lifespan."""
+"""Typed dependencies: the serving objects live on `app.state`, set by the lifespan.
+
+All `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop
+per dependency per request on the hot path.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +16,19 @@ from .ranker import Ranker
 from .settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_ranker(request: Request) -> Ranker:
+async def get_ranker(request: Request) -> Ranker:
     ranker: Ranker | None = getattr(request.app.state, "ranker", None)
     if ranker is None:  # only between process start and the lifespan
         raise HTTPException(503, "starting", headers={"Retry-After": "1"})
     return ranker
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
@@ -34,7 +38,7 @@ RankerDep = Annotated[Ranker, Depends(get_ranker)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def require_admin(request: Request, settings: SettingsDep) -> None:
+async def require_admin(request: Request, settings: SettingsDep) -> None:
     """Bearer token from IFA_ADMIN_TOKEN: 404 when none is configured, 401 when wrong."""
     if settings.admin_token is None:
         raise HTTPException(404, "Not Found")

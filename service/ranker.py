@@ -1,18 +1,11 @@
-"""Ranking logic: resolve the user's state within the budget, score, order. No FastAPI here.
+"""Ranking logic: admission, the user's state, scoring, ordering. No FastAPI here.
 
 The degradation ladder (DESIGN section 6), in the order a request meets it:
 
     overloaded     in-flight >= IFA_MAX_INFLIGHT, or the inference queue wait alone
                    would exceed the budget: `Overloaded` (503 + Retry-After) at once
-    warm           one Redis round trip (STRLEN [+ GETRANGE of a short tail] [+ GET
-                   state]); the state covers the whole sequence: score
-    refresh        the state is k events behind: fold those k records in (read in the
-                   same round trip when k <= IFA_REFRESH_INLINE_EVENTS)
-    cold / behind  build from the sequence (one shared build per user); when the
-                   estimated cost does not fit the budget, build from the most recent
-                   events that fit, answer "partial_state", let the full build finish
-                   in the background
-    Redis down     the cached state: "stale_state"; none: an empty one, "no_history"
+    warm / refresh / cold (partial_state) / Redis down (stale_state, no_history):
+                   `state_resolver.StateResolver`
 """
 
 from __future__ import annotations
@@ -27,18 +20,18 @@ from typing import Any, Final
 
 import numpy as np
 
-from ifa_common.records import RECORD_SIZE, make_events, pack, unpack
-from ifa_common.state import StateFormatError, UserState
+from ifa_common.records import make_events, pack
+from ifa_common.state import UserState
 
 from .inference import InferencePool, ModelSlot, Runtime
 from .metrics import Metrics
 from .settings import Settings
 from .state_cache import StateCache, StateWriteBack
-from .store import AppendResult, Cooldown, SequenceStore, StoreUnavailable
+from .state_resolver import StateResolver, Timings
+from .store import AppendResult, SequenceStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-MIN_PARTIAL_EVENTS: Final = 64  # a partial answer always uses at least this many events
 RETRY_AFTER_S: Final = 1
 
 
@@ -50,22 +43,6 @@ class Overloaded(RuntimeError):
 
 class ModelNotReady(RuntimeError):
     retry_after_s = 5
-
-
-@dataclass(slots=True)
-class Timings:
-    redis: float = 0.0  # ms
-    state: float = 0.0
-    score: float = 0.0
-    total: float = 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "redis": round(self.redis, 3),
-            "state": round(self.state, 3),
-            "score": round(self.score, 3),
-            "total": round(self.total, 3),
-        }
 
 
 @dataclass(slots=True)
@@ -91,15 +68,6 @@ class RankResult:
         }
 
 
-@dataclass(slots=True)
-class _Build:
-    """Timings of one (possibly shared) state build."""
-
-    redis_ms: float = 0.0
-    state_ms: float = 0.0
-    events: int = 0
-
-
 @dataclass
 class Ranker:
     settings: Settings
@@ -111,15 +79,14 @@ class Ranker:
     slot: ModelSlot | None = None
     load_error: str | None = None
     inflight: int = 0
-    read_ms_per_record: float = 3e-5  # EWMA of bulk GETRANGE cost
-    _cooldown: Cooldown = field(init=False)
+    states: StateResolver = field(init=False)
     _reload_lock: asyncio.Lock = field(init=False)
-    _background: set[asyncio.Task[Any]] = field(init=False)
 
     def __post_init__(self) -> None:
-        self._cooldown = Cooldown(self.settings.redis_cooldown_ms)
+        self.states = StateResolver(
+            self.settings, self.store, self.metrics, self.pool, self.writeback
+        )
         self._reload_lock = asyncio.Lock()
-        self._background = set()
 
     # ------------------------------------------------------------------ model
     async def load(self, version: str | None) -> ModelSlot:
@@ -183,7 +150,7 @@ class Ranker:
         tm = Timings()
         items = np.asarray(candidates, dtype=np.int64)
         self.metrics.candidates.observe(items.shape[0])
-        state, degraded = await self._resolve(slot, user_id, deadline, items.shape[0], tm)
+        state, degraded = await self.states.resolve(slot, user_id, deadline, items.shape[0], tm)
 
         t = time.perf_counter()
         k = items.shape[0] if top_k is None else min(int(top_k), items.shape[0])
@@ -206,219 +173,9 @@ class Ranker:
         )
 
     # ------------------------------------------------------------------ state ladder
-    def _remaining_ms(self, deadline: float) -> float:
-        return (deadline - time.perf_counter()) * 1e3
-
-    def _fallback(self, slot: ModelSlot, cached: UserState | None) -> tuple[UserState, str]:
-        if cached is not None:
-            return cached, "stale_state"
-        return slot.runtime.empty_state(), "no_history"
-
-    async def _resolve(
-        self, slot: ModelSlot, user: str, deadline: float, m: int, tm: Timings
-    ) -> tuple[UserState, str | None]:
-        cached = slot.cache.get(user)
-        if self._cooldown.blocked():
-            return self._fallback(slot, cached)
-        t = time.perf_counter()
-        try:
-            snap = await self.store.snapshot(
-                user,
-                slot.version,
-                cached.n if cached is not None else None,
-                self.settings.refresh_inline_events,
-            )
-        except StoreUnavailable as e:
-            log.debug("rank %s: %s", user, e)
-            self._cooldown.trip()
-            return self._fallback(slot, cached)
-        finally:
-            tm.redis += (time.perf_counter() - t) * 1e3
-        length = snap.length
-        self.metrics.sequence_length.observe(length)
-
-        base, source = cached, "local"
-        if base is None and snap.state_blob is not None:
-            base, source = self._decode(slot, user, snap.state_blob), "redis"
-        if base is not None and base.n > length:
-            # The sequence is shorter than the state: deleted, or Redis lost data.
-            slot.cache.discard(user)
-            base = None
-        if base is not None and base.n == length:
-            self.metrics.state_cache.labels("hit").inc()
-            self.metrics.state_source.labels(source).inc()
-            if source == "redis":
-                slot.cache.put(user, base)
-            return base, None
-        if base is None and length == 0:
-            self.metrics.state_cache.labels("miss").inc()
-            self.metrics.state_source.labels("build").inc()
-            empty = slot.runtime.empty_state()
-            slot.cache.put(user, empty)
-            return empty, None
-
-        self.metrics.state_cache.labels("refresh" if base is not None else "miss").inc()
-        self.metrics.state_source.labels("build").inc()
-        if (
-            base is not None
-            and snap.tail_from == base.n
-            and len(snap.tail) == (length - base.n) * RECORD_SIZE
-        ):
-            # The whole tail came with the snapshot: fold it in, no second round trip.
-            t = time.perf_counter()
-            state = await self.pool.run(_fold_events, slot.runtime, base, unpack(snap.tail))
-            tm.state += (time.perf_counter() - t) * 1e3
-            slot.cache.put(user, state)
-            self._write_back(slot, user, state)
-            return state, None
-        return await self._advance(slot, user, base, length, deadline, m, tm)
-
-    def _decode(self, slot: ModelSlot, user: str, blob: bytes) -> UserState | None:
-        try:
-            return slot.runtime.deserialize_state(blob)
-        except StateFormatError as e:  # another model version or a corrupt entry: rebuild
-            log.debug("stored state of %s not usable: %s", user, e)
-            return None
-
-    def _estimate_ms(self, slot: ModelSlot, n: int) -> float:
-        return slot.runtime.estimate_build_ms(n) + n * self.read_ms_per_record
-
-    def _fit(self, slot: ModelSlot, available_ms: float, k: int) -> int:
-        """The most events (<= k) whose read + build is estimated to fit `available_ms`."""
-        lo, hi = 0, k
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self._estimate_ms(slot, mid) <= available_ms:
-                lo = mid
-            else:
-                hi = mid - 1
-        return max(lo, min(k, MIN_PARTIAL_EVENTS))
-
-    async def _advance(
-        self,
-        slot: ModelSlot,
-        user: str,
-        base: UserState | None,
-        length: int,
-        deadline: float,
-        m: int,
-        tm: Timings,
-    ) -> tuple[UserState, str | None]:
-        """Bring `base` (None: nothing) up to `length` events within the budget."""
-        start = base.n if base is not None else 0
-        k = length - start
-        available = self._remaining_ms(deadline) - slot.estimate_score_ms(m)
-        flight = slot.cache.flight(user)
-        if flight is None:
-            fits = self._estimate_ms(slot, k) <= available
-            info = _Build()
-            flight = slot.cache.start_flight(
-                user, lambda: self._build(slot, user, base, start, length, info)
-            )
-            self._track(flight)
-            if fits:
-                try:
-                    state = await asyncio.shield(flight)
-                except StoreUnavailable:
-                    self._cooldown.trip()
-                    return self._fallback(slot, base)
-                finally:
-                    tm.redis += info.redis_ms
-                    tm.state += info.state_ms
-                return state, None
-        else:
-            # Another request is building this user's state: share it while the budget lasts.
-            t = time.perf_counter()
-            try:
-                async with asyncio.timeout(max(available, 0.0) / 1e3):
-                    state = await asyncio.shield(flight)
-            except (TimeoutError, StoreUnavailable):
-                pass
-            else:
-                if state.n == length:
-                    return state, None
-                if state.n < length and self._remaining_ms(deadline) > 0:
-                    return await self._advance(slot, user, state, length, deadline, m, tm)
-                if state.n > length:  # appended meanwhile; the newer state is fine
-                    return state, None
-            finally:
-                tm.state += (time.perf_counter() - t) * 1e3
-        return await self._partial(slot, user, base, length, deadline, m, tm)
-
-    async def _partial(
-        self,
-        slot: ModelSlot,
-        user: str,
-        base: UserState | None,
-        length: int,
-        deadline: float,
-        m: int,
-        tm: Timings,
-    ) -> tuple[UserState, str | None]:
-        """Score with the most recent events that fit the budget (never cached)."""
-        start = base.n if base is not None else 0
-        available = self._remaining_ms(deadline) - slot.estimate_score_ms(m)
-        n = self._fit(slot, available, length - start)
-        t = time.perf_counter()
-        try:
-            events = await self.store.read_range(user, length - n, length)
-        except StoreUnavailable:
-            self._cooldown.trip()
-            return self._fallback(slot, base)
-        finally:
-            tm.redis += (time.perf_counter() - t) * 1e3
-        t = time.perf_counter()
-        state = await self.pool.run(_fold_events, slot.runtime, base, events)
-        tm.state += (time.perf_counter() - t) * 1e3
-        return state, "partial_state"
-
-    async def _build(
-        self,
-        slot: ModelSlot,
-        user: str,
-        base: UserState | None,
-        start: int,
-        length: int,
-        info: _Build,
-    ) -> UserState:
-        t = time.perf_counter()
-        try:
-            events = await self.store.read_range(user, start, length)
-        finally:
-            info.redis_ms = (time.perf_counter() - t) * 1e3
-        if events.shape[0] >= 1000:
-            per = info.redis_ms / events.shape[0]
-            self.read_ms_per_record += 0.2 * (per - self.read_ms_per_record)
-        t = time.perf_counter()
-        state = await self.pool.run(_fold_events, slot.runtime, base, events)
-        info.state_ms = (time.perf_counter() - t) * 1e3
-        info.events = int(events.shape[0])
-        self._write_back(slot, user, state)
-        return state
-
-    def _write_back(self, slot: ModelSlot, user: str, state: UserState) -> None:
-        self.writeback.submit(user, slot.version, slot.runtime.serialize_state(state))
-
-    def _track(self, task: asyncio.Task[Any]) -> None:
-        self._background.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self._background.discard(t)
-            ok = not t.cancelled() and t.exception() is None
-            self.metrics.background_builds.labels("ok" if ok else "failed").inc()
-            if not ok and not t.cancelled() and isinstance(t.exception(), StoreUnavailable):
-                self._cooldown.trip()
-
-        task.add_done_callback(done)
-
     async def drain(self, timeout_s: float) -> None:
-        """Let background builds finish (bounded), then cancel what is left."""
-        tasks = list(self._background)
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
-        for task in pending:
-            task.cancel()
+        """Let background state builds finish (bounded), then cancel what is left."""
+        await self.states.drain(timeout_s)
 
     # ------------------------------------------------------------------ /events
     async def append_events(
@@ -451,11 +208,6 @@ class Ranker:
         if reasons:
             info["reason"] = "; ".join(reasons)
         return not reasons, info
-
-
-def _fold_events(rt: Runtime, base: UserState | None, events: np.ndarray) -> UserState:
-    partial = rt.build_state(events)
-    return partial if base is None else rt.fold(base, partial)
 
 
 def _score_and_order(

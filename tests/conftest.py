@@ -102,12 +102,18 @@ def _tiny_model_key() -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_artifacts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_artifacts(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """Artifacts dir with "v1" (and `latest` -> v1). The export (tens of seconds of torch)
     is cached in pytest's cache dir, keyed by the sources it depends on; each session
     gets its own copy."""
     import os
 
+    root = tmp_path_factory.mktemp("artifacts")
+    if getattr(request.config, "cache", None) is None:  # -p no:cacheprovider
+        export_tiny_model(root, "v1", seed=0)
+        return root
     cache = Path(request.config.cache.mkdir("ifa_tiny_artifacts"))
     cached = cache / _tiny_model_key()
     if not (cached / "v1" / "manifest.json").is_file():
@@ -120,7 +126,6 @@ def tiny_artifacts(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
         old = sorted(cache.iterdir(), key=lambda p: p.stat().st_mtime)[:-3]
         for stale in old:
             shutil.rmtree(stale, ignore_errors=True)
-    root = tmp_path_factory.mktemp("artifacts")
     shutil.copytree(cached, root, dirs_exist_ok=True)
     return root
 
@@ -139,7 +144,7 @@ def copy_version(root: Path, src: str, dst: str) -> None:
 def tiny_artifacts_two_versions(
     tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    """"v1" and "v2" (same weights, another version name); `latest` -> v1."""
+    """Versions v1 and v2 (same weights, another version name); `latest` -> v1."""
     root = tmp_path_factory.mktemp("artifacts2")
     shutil.copytree(tiny_artifacts, root, dirs_exist_ok=True)
     copy_version(root, "v1", "v2")

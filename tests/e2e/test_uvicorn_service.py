@@ -49,16 +49,23 @@ class Service:
             time.sleep(0.1)
         raise AssertionError(f"service not ready:\n{self.log_path.read_text()[-3000:]}")
 
-    def stop(self) -> int:
+    def stop(self) -> bool:
+        """SIGTERM: drain, flush states, close. True when it shut down cleanly (uvicorn
+        re-raises the signal after a graceful shutdown, so -SIGTERM counts as clean)."""
         proc, self.proc = self.proc, None
         if proc is None:
-            return 0
-        proc.send_signal(signal.SIGTERM)  # graceful: drain, flush states, close
+            return True
+        proc.send_signal(signal.SIGTERM)
         try:
-            return proc.wait(60)
+            rc = proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            return proc.wait()
+            proc.wait()
+            return False
+        return rc in (0, -signal.SIGTERM) and "Application shutdown complete" in self.log()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
 
 def service_env(redis_url: str, artifacts: Path, **extra: str) -> dict[str, str]:
@@ -87,7 +94,7 @@ def service(
     log = tmp_path_factory.mktemp("e2e") / "service.log"
     svc = Service(service_env(redis_server.url, tiny_artifacts), log).start()
     yield svc
-    assert svc.stop() == 0, log.read_text()[-3000:]
+    assert svc.stop(), log.read_text()[-3000:]
 
 
 def events(n: int, seed: int, t0: int = T0) -> list[dict[str, int]]:
@@ -105,21 +112,51 @@ def by_item(resp: dict[str, Any]) -> list[float]:
 def test_contract_over_http(service: Service) -> None:
     with httpx.Client(base_url=service.url, timeout=30) as c:
         assert c.get("/healthz").json() == {"status": "ok"}
-        r = c.post("/events", json={"user_id": "e2e-u1", "events": events(20, 1), "idempotency_key": "b1"})
+        r = c.post(
+            "/events", json={"user_id": "e2e-u1", "events": events(20, 1), "idempotency_key": "b1"}
+        )
         assert r.json() == {"user_id": "e2e-u1", "appended": 20, "length": 20}
-        assert c.post("/events", json={"user_id": "e2e-u1", "events": events(20, 1), "idempotency_key": "b1"}).json()["length"] == 20
-        r = c.post("/rank", json={"user_id": "e2e-u1", "candidates": [5, 6, 7, 7], "top_k": 3, "request_id": "r1"})
+        assert (
+            c.post(
+                "/events",
+                json={"user_id": "e2e-u1", "events": events(20, 1), "idempotency_key": "b1"},
+            ).json()["length"]
+            == 20
+        )
+        r = c.post(
+            "/rank",
+            json={"user_id": "e2e-u1", "candidates": [5, 6, 7, 7], "top_k": 3, "request_id": "r1"},
+        )
         body = r.json()
         assert r.status_code == 200 and r.headers["content-type"] == "application/json"
-        assert set(body) == {"user_id", "request_id", "model_version", "items", "degraded", "timings_ms"}
+        assert set(body) == {
+            "user_id",
+            "request_id",
+            "model_version",
+            "items",
+            "degraded",
+            "timings_ms",
+        }
         assert body["request_id"] == "r1" and len(body["items"]) == 3 and body["degraded"] is None
         assert c.get("/v1/model").json()["version"] == "v1"
         metrics = c.get("/metrics").text
-        for name in ("ifa_rank_request_duration_seconds_bucket", "ifa_model_info", "ifa_inflight_requests"):
+        for name in (
+            "ifa_rank_request_duration_seconds_bucket",
+            "ifa_model_info",
+            "ifa_inflight_requests",
+        ):
             assert name in metrics
         assert c.get("/docs").status_code == 200
         spec = c.get("/openapi.json").json()
-        for path in ("/rank", "/events", "/healthz", "/readyz", "/metrics", "/v1/model", "/admin/reload"):
+        for path in (
+            "/rank",
+            "/events",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/v1/model",
+            "/admin/reload",
+        ):
             assert path in spec["paths"]
 
 
@@ -161,7 +198,7 @@ def test_incremental_equals_fresh_across_a_process_restart(
             c.post("/events", json={"user_id": "inc-B", "events": e1 + e2})
             rb = c.post("/rank", json={"user_id": "inc-B", "candidates": cands}).json()
     finally:
-        assert svc.stop() == 0
+        assert svc.stop()
     np.testing.assert_allclose(by_item(ra), by_item(rb), atol=1e-4)
     svc.start()  # a fresh process: the in-process cache is empty, Redis holds the states
     try:
@@ -199,7 +236,10 @@ def test_redis_killed_and_restarted_under_load(
         with httpx.Client(base_url=svc.url, timeout=30) as c:
             for w in range(3):
                 for j in range(5):
-                    c.post("/events", json={"user_id": f"load-{w}-{j}", "events": events(10, w * 10 + j)})
+                    c.post(
+                        "/events",
+                        json={"user_id": f"load-{w}-{j}", "events": events(10, w * 10 + j)},
+                    )
         threads = [threading.Thread(target=load, args=(w,)) for w in range(3)]
         for t in threads:
             t.start()

@@ -185,3 +185,51 @@ def test_refuses_existing_version(exported: tuple[Path, Any, Any], tmp_path: Pat
         export_checkpoint(ckpt, vdir.parent, version=vdir.name)
     with pytest.raises(ExportError, match="invalid artifact version"):
         export_checkpoint(ckpt, vdir.parent, version="../escape")
+
+
+def test_failed_verification_leaves_nothing(
+    exported: tuple[Path, Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from model_export import export as ex
+
+    vdir, cfg, model = exported
+    out = tmp_path / "artifacts"
+    out.mkdir()
+    (out / "latest").write_text("previous\n")
+
+    def copy_graphs(model: Any, cfg: Any, dst: Path) -> str:
+        for name in ("state.onnx", "scorer.onnx"):
+            shutil.copy(vdir / name, dst / name)
+        return "dynamo"
+
+    def fail(*args: Any, **kwargs: Any) -> float:
+        raise ExportError("ONNX Runtime differs from PyTorch")
+
+    monkeypatch.setattr(ex, "_export_graphs", copy_graphs)
+    monkeypatch.setattr(ex, "verify_export", fail)
+    with pytest.raises(ExportError, match="differs"):
+        ex.export_model(model, cfg, out, "v-bad", (ITEM_IDS, ITEM_CATS), {})
+    assert sorted(p.name for p in out.iterdir()) == ["latest"]
+    assert (out / "latest").read_text() == "previous\n"
+
+
+def test_legacy_exporter_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from model_export import export as ex
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("dynamo unavailable")
+
+    monkeypatch.setattr(ex, "_export_dynamo", broken)
+    cfg = _config(decay_per_day=(0.0, 1.0))
+    torch.manual_seed(1)
+    model = build_model(cfg).eval()
+    path = ex.export_model(model, cfg, tmp_path, None, None, None)  # verified inside
+    man = json.loads((path / "manifest.json").read_text())
+    assert man["exporter"] == "legacy"
+    assert man["graphs"]["scorer"]["outputs"][0]["shape"] == ["B", "M"]
+    rt = ModelRuntime.load(tmp_path, None, prefer_cuda=False)
+    assert rt.lookup_categories(np.array([10])).tolist() == [-1]  # no item table
+    events = make_events(np.arange(3000), T0 + np.arange(3000) * 600)
+    assert np.all(np.isfinite(rt.score(rt.build_state(events), np.arange(77))))

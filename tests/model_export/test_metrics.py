@@ -58,8 +58,9 @@ def test_logloss_matches_definition_and_is_stable() -> None:
 def test_accumulator_combines_users() -> None:
     acc = MetricAccumulator()
     acc.add(0, np.array([[2.0, 1.0]]), np.array([[1.0, 0.0]]), np.array([[True, True]]))
-    acc.add(1, np.array([[1.0, 2.0, 0.0]]), np.array([[1.0, 0.0, 0.0]]),
-            np.array([[True, True, False]]))
+    acc.add(
+        1, np.array([[1.0, 2.0, 0.0]]), np.array([[1.0, 0.0, 0.0]]), np.array([[True, True, False]])
+    )
     out = acc.compute()
     assert out["candidates"] == 4
     assert out["auc"] == pytest.approx(0.5)  # pos {2, 1} vs neg {1, 2}: (1 + .5 + .5 + 0) / 4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,10 @@ def test_metrics_expose_the_contract(redis_url: str, tiny_artifacts: Path) -> No
         u = user()
         client.post("/events", json={"user_id": u, "events": random_events(5)})
         for _ in range(3):
-            assert client.post("/rank", json={"user_id": u, "candidates": [1, 2, 3]}).status_code == 200
+            assert (
+                client.post("/rank", json={"user_id": u, "candidates": [1, 2, 3]}).status_code
+                == 200
+            )
         client.post("/rank", json={"user_id": u, "candidates": []})  # a 422
         for path in ("/healthz", "/readyz", "/metrics", "/metrics"):
             client.get(path)
@@ -148,7 +153,11 @@ def test_reload_under_load_loses_no_request_and_drops_old_states(
             t.start()
         wait_until(lambda: len(results) >= 10)
         r = client.post("/admin/reload", json={"version": "v2"}, headers=AUTH)
-        assert r.status_code == 200 and r.json() == {"version": "v2", "previous": "v1", "provider": "cpu"}
+        assert r.status_code == 200 and r.json() == {
+            "version": "v2",
+            "previous": "v1",
+            "provider": "cpu",
+        }
         wait_until(lambda: sum(v == "v2" for _, v in results) >= 10)
         stop.set()
         for t in threads:
@@ -171,9 +180,24 @@ def test_embedded_redis_when_no_url(tmp_path: Path, tiny_artifacts: Path) -> Non
         ready = client.get("/readyz").json()
         assert ready["status"] == "ready" and ready["redis_mode"].startswith("embedded")
         u = user()
-        assert client.post("/events", json={"user_id": u, "events": random_events(3)}).json()["length"] == 3
+        assert (
+            client.post("/events", json={"user_id": u, "events": random_events(3)}).json()["length"]
+            == 3
+        )
         assert client.post("/rank", json={"user_id": u, "candidates": [1]}).status_code == 200
     assert (tmp_path / "r" / "redis.log").exists()
     with TestClient(create_app(settings)) as client:  # data survives a restart
         r = client.post("/events", json={"user_id": u, "events": random_events(1)})
         assert r.json()["length"] == 4
+        server = client.app.state.embedded_redis  # type: ignore[attr-defined]
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGKILL)  # the server crashes...
+        wait_until(lambda: client.get("/readyz").status_code == 200)  # ...and is restarted
+        wait_until(
+            lambda: (
+                client.post("/rank", json={"user_id": u, "candidates": [1, 2]}).json()["degraded"]
+                is None
+            )
+        )
+        r = client.post("/events", json={"user_id": u, "events": random_events(1)})
+        assert r.json()["length"] in (4, 5)  # the AOF keeps all but the last second

@@ -119,7 +119,9 @@ def test_incremental_equals_fresh_across_users_and_restarts(
         assert metric(client, "ifa_state_source_total", source="redis") >= 1
         assert metric(client, "ifa_state_cache_total", result="miss") == 0
     for x, y in ((ra3, rb3), (ra3, ra_again)):
-        np.testing.assert_allclose([s for _, s in by_item(x)], [s for _, s in by_item(y)], atol=1e-4)
+        np.testing.assert_allclose(
+            [s for _, s in by_item(x)], [s for _, s in by_item(y)], atol=1e-4
+        )
 
 
 def test_events_defaults_and_idempotency(client: TestClient) -> None:

@@ -24,7 +24,7 @@ from ifa_common.manifest import (
 )
 from ifa_common.records import make_events
 from ifa_common.state import EMPTY_LOG_SCALE, StateVersionMismatch, UserState
-from service.runtime import ModelRuntime
+from service.runtime import ItemTable, ModelRuntime
 
 torch = pytest.importorskip("torch")
 
@@ -176,6 +176,22 @@ def test_categories_come_from_the_item_table(rt: ModelRuntime) -> None:
     )
     a, b = rt.build_state(events), rt.build_state(explicit)
     np.testing.assert_array_equal(a.S, b.S)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_item_table_lookup(sparse: bool) -> None:
+    rng = np.random.default_rng(11)
+    ids = np.unique(rng.integers(0, 2**62 if sparse else 5000, 2000))
+    cats = rng.integers(0, 100, ids.size)
+    table = ItemTable(ids, cats)
+    assert (table.dense is None) == sparse
+    queries = np.concatenate(
+        [rng.choice(ids, 500), rng.integers(0, 2**63 - 1, 500), [0, 2**63 - 1]]
+    )
+    known = dict(zip(ids.tolist(), cats.tolist(), strict=True))
+    want = [known.get(int(q), -1) for q in queries]
+    np.testing.assert_array_equal(table.lookup(queries), want)
+    assert ItemTable(np.zeros(0, np.int64), np.zeros(0, np.int64)).lookup(queries).max() == -1
 
 
 def test_score_batch_equals_per_user(rt: ModelRuntime) -> None:

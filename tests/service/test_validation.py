@@ -21,7 +21,11 @@ def client(redis_server: Any, tiny_artifacts: Path) -> Iterator[TestClient]:
     if not redis_server.running():
         redis_server.start()
     settings = make_settings(
-        redis_server.url, tiny_artifacts, max_candidates=50, max_events_per_call=5, max_body_bytes=4096
+        redis_server.url,
+        tiny_artifacts,
+        max_candidates=50,
+        max_events_per_call=5,
+        max_body_bytes=4096,
     )
     with TestClient(create_app(settings)) as c:
         yield c
@@ -59,9 +63,7 @@ RANK_CASES = [
 
 
 @pytest.mark.parametrize(("body", "field"), RANK_CASES)
-def test_rank_rejects_bad_input_naming_the_field(
-    client: TestClient, body: Any, field: str
-) -> None:
+def test_rank_rejects_bad_input_naming_the_field(client: TestClient, body: Any, field: str) -> None:
     r = client.post("/rank", json=body)
     assert r.status_code == 422, r.text
     out = r.json()
@@ -134,11 +136,20 @@ def test_unknown_routes_and_methods_are_4xx_json(client: TestClient) -> None:
 def test_extreme_but_valid_values_are_served(client: TestClient) -> None:
     r = client.post(
         "/rank",
-        json={"user_id": "a" * 128, "candidates": [0, 2**63 - 1], "top_k": 10**30, "budget_ms": 0.001},
+        json={
+            "user_id": "a" * 128,
+            "candidates": [0, 2**63 - 1],
+            "top_k": 10**30,
+            "budget_ms": 0.001,
+        },
     )
     assert r.status_code == 200, r.text
+    extreme = {"item_id": 2**63 - 1, "ts": 2**63 - 1, "category": 2**63 - 1, "action": 2**31 - 1}
     r = client.post(
         "/events",
-        json={"user_id": "u.x@y:z-_", "events": [{"item_id": 2**63 - 1, "ts": 2**63 - 1, "category": 2**63 - 1, "action": 2**31 - 1}]},
+        json={"user_id": "u.x@y:z-_", "events": [extreme, {"item_id": 0, "ts": 0}]},
     )
     assert r.status_code == 200, r.text
+    r = client.post("/rank", json={"user_id": "u.x@y:z-_", "candidates": [0, 2**63 - 1]})
+    assert r.status_code == 200, r.text
+    assert all(isinstance(it["score"], float) for it in r.json()["items"])  # NaN would be null
