@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(BIN)/python -m ifa_common.quickstart
+	$(BIN)/ifa-rank data movielens --dir data
+	@if [ ! -f artifacts/latest ]; then \
+		$(BIN)/ifa-rank train --data movielens --model ifa --preset small --out runs/quickstart && \
+		$(BIN)/ifa-rank export runs/quickstart/checkpoint.pt --out artifacts; \
+	else echo "serving artifact $$(cat artifacts/latest) (remove artifacts/ to retrain)"; fi
+	$(BIN)/python -m loadtest.quickstart
 
 test: install
 	$(BIN)/python -m pytest -q

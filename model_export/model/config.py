@@ -20,7 +20,8 @@ class ModelConfig:
     action_buckets: int = 16  # row 0 = unknown action
     d_model: int = 32  # embedding / token width
     heads: int = 4  # attention heads H
-    d_head: int = 8  # value width per head D (and query/key width)
+    d_head: int = 8  # value width per head D
+    d_key: int = 0  # query/key width per head d before phi (0 = d_head)
     feature_map: str = "exp"  # ifa's positive map phi: elu | exp | hedgehog | taylor
     decay_per_day: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # ifa: lambda_h per head, 0 = lifelong
     use_mass: bool = True  # ifa: feed log attention mass (intensity) to the head
@@ -46,13 +47,19 @@ class ModelConfig:
             raise ValueError("decay rates must be >= 0")
 
     @property
+    def key_width(self) -> int:
+        """Query/key width per head before the feature map."""
+        return self.d_key or self.d_head
+
+    @property
     def d_phi(self) -> int:
         """Feature-map output size F per head."""
+        d = self.key_width
         return {
-            "elu": self.d_head,
-            "exp": self.d_head,
-            "hedgehog": 2 * self.d_head,
-            "taylor": 1 + self.d_head + self.d_head * self.d_head,
+            "elu": d,
+            "exp": d,
+            "hedgehog": 2 * d,
+            "taylor": 1 + d + d * d,
         }[self.feature_map]
 
     @property

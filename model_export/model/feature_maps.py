@@ -84,7 +84,7 @@ def make_feature_map(cfg: ModelConfig, keys: bool) -> FeatureMap:
     if cfg.feature_map == "exp":
         return ExpMap(cfg.exp_key_cap if keys else None)
     if cfg.feature_map == "hedgehog":
-        return HedgehogMap(cfg.heads, cfg.d_head)
+        return HedgehogMap(cfg.heads, cfg.key_width)
     if cfg.feature_map == "taylor":
-        return TaylorMap(cfg.d_head)
+        return TaylorMap(cfg.key_width)
     raise ValueError(f"unknown feature map {cfg.feature_map!r}")

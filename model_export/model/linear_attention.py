@@ -30,10 +30,10 @@ class LinearCrossAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.heads, self.d_head, self.eps = cfg.heads, cfg.d_head, cfg.eps
-        hd = cfg.heads * cfg.d_head
-        self.k_proj = nn.Linear(cfg.d_model, hd)
-        self.v_proj = nn.Linear(cfg.d_model, hd)
-        self.q_proj = nn.Linear(cfg.d_model, hd)
+        self.d_key = cfg.key_width
+        self.k_proj = nn.Linear(cfg.d_model, cfg.heads * self.d_key)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.heads * cfg.d_head)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.heads * self.d_key)
         self.phi_k = make_feature_map(cfg, keys=True)  # keys and queries: own (hedgehog) maps
         self.phi_q = make_feature_map(cfg, keys=False)
         decay = torch.as_tensor(cfg.decay_per_second, dtype=torch.float32)
@@ -42,7 +42,7 @@ class LinearCrossAttention(nn.Module):
     def keys_values(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Events (N, C) -> key features (N, H, F) (log phi for the exp map), values (N, H, D)."""
         n = e.shape[0]
-        k = self.k_proj(e).view(n, self.heads, self.d_head)  # (N, H, d)
+        k = self.k_proj(e).view(n, self.heads, self.d_key)  # (N, H, d)
         v = self.v_proj(e).view(n, self.heads, self.d_head)  # (N, H, D)
         return self.phi_k(k), v
 
@@ -94,7 +94,7 @@ class LinearCrossAttention(nn.Module):
         matches, which the ratio o alone cannot show.
         """
         b, mc = c.shape[0], c.shape[1]
-        q = self.q_proj(c).view(b, mc, self.heads, self.d_head)  # (B, M, H, d)
+        q = self.q_proj(c).view(b, mc, self.heads, self.d_key)  # (B, M, H, d)
         qf = self.phi_q(q)  # (B, M, H, F)
         if self.phi_q.log_domain:
             # shift by the largest term of phi(q).z itself, so the dominant term is exactly 1

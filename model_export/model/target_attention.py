@@ -20,24 +20,23 @@ MASKED_SCORE = -1.0e9
 class TargetAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.heads, self.d_head = cfg.heads, cfg.d_head
-        hd = cfg.heads * cfg.d_head
-        self.q_proj = nn.Linear(cfg.d_model, hd)
-        self.k_proj = nn.Linear(cfg.d_model, hd)
-        self.v_proj = nn.Linear(cfg.d_model, hd)
+        self.heads, self.d_head, self.d_key = cfg.heads, cfg.d_head, cfg.key_width
+        self.q_proj = nn.Linear(cfg.d_model, cfg.heads * self.d_key)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.heads * self.d_key)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.heads * cfg.d_head)
 
     def keys_values(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Events (N, C) -> keys (N, H, d), values (N, H, D)."""
         n = e.shape[0]
-        k = self.k_proj(e).view(n, self.heads, self.d_head)  # (N, H, d)
+        k = self.k_proj(e).view(n, self.heads, self.d_key)  # (N, H, d)
         v = self.v_proj(e).view(n, self.heads, self.d_head)  # (N, H, D)
         return k, v
 
     def queries(self, c: torch.Tensor) -> torch.Tensor:
         """Candidates (B, M, C) -> queries (B, M, H, d), pre-scaled by 1/sqrt(d)."""
         b, m = c.shape[0], c.shape[1]
-        q = self.q_proj(c).view(b, m, self.heads, self.d_head)  # (B, M, H, d)
-        return q / math.sqrt(self.d_head)
+        q = self.q_proj(c).view(b, m, self.heads, self.d_key)  # (B, M, H, d)
+        return q / math.sqrt(self.d_key)
 
     def shared(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import redis
@@ -88,3 +90,22 @@ def test_pipelines_span_many_round_trips(
     monkeypatch.setattr(seed, "PIPELINE_BYTES", 10_000)  # ~3 users per round trip
     seed.seed_synthetic(client, 25, 100, prefix="p", progress=False)
     assert [client.strlen(seq_key(f"p-{i}")) for i in range(25)] == [100 * RECORD_SIZE] * 25
+
+
+@pytest.mark.slow
+def test_via_http_goes_through_events_and_a_rerun_appends_nothing(
+    redis_url: str, tiny_artifacts: Path
+) -> None:
+    from loadtest.server import LocalService
+
+    lengths = np.array([1500, 30], dtype=np.int64)
+    with LocalService(artifacts_dir=tiny_artifacts, redis_url=redis_url) as svc:
+        for _ in range(2):  # the second pass replays every batch's idempotency key
+            users = seed.synthetic_users("h", lengths, items=50, categories=7, seed=0)
+            result = seed.write_via_http(svc.base_url, users, batch=1000, progress=False)
+            assert (result.users, result.events) == (2, 1530)
+    with redis.Redis.from_url(redis_url) as c:
+        assert c.strlen(seq_key("h-0")) == 1500 * RECORD_SIZE
+        assert c.strlen(seq_key("h-1")) == 30 * RECORD_SIZE
+        _, first = next(seed.synthetic_users("h", lengths, 50, 7, 0))
+        assert c.get(seq_key("h-0")) == first.tobytes(), "the service stores the seeded records"
