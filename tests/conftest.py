@@ -77,6 +77,7 @@ def export_tiny_model(root: Path, version: str, seed: int) -> Path:
         mlp_hidden=(16,),
         dropout=0.0,
         decay_per_day=(0.0, 0.5),  # one lifelong head, one decaying head
+        cat_slots=4,  # d_phi = 4 learned + 4 category slots
     )
     model = build_model(cfg)
     ids = np.arange(TINY_ITEMS, dtype=np.int64)

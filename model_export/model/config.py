@@ -32,6 +32,7 @@ class ModelConfig:
     last_n: int = 100  # din: events attended
     top_k: int = 100  # sim_hard / twin: events kept per candidate
     eps: float = 1e-6  # linear-attention denominator guard
+    cat_slots: int = 32  # ifa: exact-category feature slots per head (0 = off), see linear_attention
     exp_key_cap: float = 30.0  # ifa exp map: key log-features soft-capped to +-cap (float32 range)
 
     def __post_init__(self) -> None:
@@ -55,12 +56,13 @@ class ModelConfig:
     def d_phi(self) -> int:
         """Feature-map output size F per head."""
         d = self.key_width
-        return {
+        learned = {
             "elu": d,
             "exp": d,
             "hedgehog": 2 * d,
             "taylor": 1 + d + d * d,
         }[self.feature_map]
+        return learned + self.cat_slots
 
     @property
     def decay_per_second(self) -> np.ndarray:

@@ -36,7 +36,7 @@ class IFAModel(RankModel):
         self, item: torch.Tensor, cat: torch.Tensor, action: torch.Tensor, ts: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One chunk of events, (N,) long each, N >= 0 -> (S (H,F,D), z (H,F), m (H,), t_ref ())."""
-        return self.attn.build_state(self.embed.events(item, cat, action), ts)
+        return self.attn.build_state(self.embed.events(item, cat, action), cat, ts)
 
     def score(
         self,
@@ -50,7 +50,7 @@ class IFAModel(RankModel):
     ) -> torch.Tensor:
         """States S (B,H,F,D), z (B,H,F), m (B,H), n (B,) and candidates (B, M) -> logits (B, M)."""
         c = self.embed.candidates(cand_item, cand_cat)  # (B, M, C)
-        o, mass = self.attn.read(S, z, m, n, c)  # (B, M, H, D), (B, M, H)
+        o, mass = self.attn.read(S, z, m, n, c, cand_cat)  # (B, M, H, D), (B, M, H)
         r = self.readout(o.flatten(2))  # (B, M, H*D) -> (B, M, C)
         return self.head(c, r, cand_mask, mass if self.cfg.use_mass else None)
 
@@ -59,7 +59,7 @@ class IFAModel(RankModel):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The state of every request's history prefix: S (R,H,F,D), z (R,H,F), m (R,H), t (R,)."""
         e = self.embed.events(batch.ev_item, batch.ev_cat, batch.ev_action)  # (N, C)
-        kf, v = self.attn.keys_values(e)  # (N, H, F), (N, H, D)
+        kf, v = self.attn.keys_values(e, batch.ev_cat)  # (N, H, F), (N, H, D)
         ts = batch.ev_ts
         decay = self.attn.decay.double()  # folds in float64, like serving
         empty = self.attn.state_from(kf[:0], v[:0], ts[:0])

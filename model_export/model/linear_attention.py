@@ -13,6 +13,7 @@ time gap. Written with matmul / reshape / amax only, so ONNX export keeps N, M, 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ifa_common.state import EMPTY_LOG_SCALE
@@ -20,6 +21,8 @@ from ifa_common.state import EMPTY_LOG_SCALE
 from .config import ModelConfig
 from .feature_maps import make_feature_map
 
+NO_SLOT = -1.0e4  # log phi of the category slots an event does not occupy (exp() = 0)
+SLOT_STRIDES = (1, 7, 13, 31, 37, 61, 73, 97)  # per-head category hashes (count-min style)
 MASS_CLAMP = 20.0  # |log attention mass| fed to the head is clamped to this
 TINY = 1.0e-30  # floor of z in the exp map's query shift (keeps exp(q - shift) < e^70)
 
@@ -38,13 +41,48 @@ class LinearCrossAttention(nn.Module):
         self.phi_q = make_feature_map(cfg, keys=False)
         decay = torch.as_tensor(cfg.decay_per_second, dtype=torch.float32)
         self.register_buffer("decay", decay)  # (H,) per second
+        self.cat_slots = cfg.cat_slots
+        if cfg.cat_slots:
+            strides = [SLOT_STRIDES[h % len(SLOT_STRIDES)] for h in range(cfg.heads)]
+            self.register_buffer("slot_stride", torch.tensor(strides, dtype=torch.long))
+            self.register_buffer("slot_ids", torch.arange(cfg.cat_slots, dtype=torch.long))
+            # log weight of a category match; starts above the learned map's ~d_key so the
+            # exact match is visible from the first step (at 0 it drowns and learns slowly)
+            self.slot_strength = nn.Parameter(torch.full((cfg.heads,), 3.0))  # (H,)
 
-    def keys_values(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Events (N, C) -> key features (N, H, F) (log phi for the exp map), values (N, H, D)."""
+    def category_slots(self, cat: torch.Tensor, keys: bool) -> torch.Tensor:
+        """Category buckets (..., ) -> slot features (..., H, cat_slots).
+
+        An exact-match kernel on the category side feature, hashed per head into
+        `cat_slots` slots (different strides per head, so collisions differ between
+        heads, as in a count-min sketch): phi(q).phi(k) gains slot_strength_h when the
+        candidate's and the event's categories share the head's slot. Sharp where a
+        smooth learned map over d_key dims cannot be (what lifts linear attention to
+        per-category counts); still one feature vector per event, so the state stays
+        additive. Unknown categories (bucket 0) occupy no slot.
+        """
+        slot = (cat.unsqueeze(-1) * self.slot_stride) % self.cat_slots  # (..., H)
+        hit = (slot.unsqueeze(-1) == self.slot_ids) & (cat > 0)[..., None, None]  # (..., H, B)
+        if self.phi_k.log_domain:
+            on = self.slot_strength.view(-1, 1) if keys else torch.zeros_like(
+                self.slot_strength.view(-1, 1)
+            )  # (H, 1) log phi of an occupied slot
+            return torch.where(hit, on, torch.full_like(on, NO_SLOT))
+        on = F.softplus(self.slot_strength).view(-1, 1) if keys else torch.ones_like(
+            self.slot_strength.view(-1, 1)
+        )
+        return hit.to(on.dtype) * on  # (..., H, B)
+
+    def keys_values(self, e: torch.Tensor, cat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Events (N, C), category buckets (N,) -> key features (N, H, F) (log phi for the
+        exp map), values (N, H, D)."""
         n = e.shape[0]
         k = self.k_proj(e).view(n, self.heads, self.d_key)  # (N, H, d)
         v = self.v_proj(e).view(n, self.heads, self.d_head)  # (N, H, D)
-        return self.phi_k(k), v
+        kf = self.phi_k(k)  # (N, H, F - cat_slots)
+        if self.cat_slots:
+            kf = torch.cat([kf, self.category_slots(cat, keys=True)], dim=-1)  # (N, H, F)
+        return kf, v
 
     def state_from(
         self, kf: torch.Tensor, v: torch.Tensor, ts: torch.Tensor
@@ -73,10 +111,11 @@ class LinearCrossAttention(nn.Module):
         return S, z, m, t_ref
 
     def build_state(
-        self, e: torch.Tensor, ts: torch.Tensor
+        self, e: torch.Tensor, cat: torch.Tensor, ts: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Event vectors (N, C), ts (N,) long -> (S (H,F,D), z (H,F), m (H,), t_ref () long)."""
-        kf, v = self.keys_values(e)
+        """Event vectors (N, C), category buckets (N,), ts (N,) long
+        -> (S (H,F,D), z (H,F), m (H,), t_ref () long)."""
+        kf, v = self.keys_values(e, cat)
         return self.state_from(kf, v, ts)
 
     def read(
@@ -86,6 +125,7 @@ class LinearCrossAttention(nn.Module):
         m: torch.Tensor,
         n: torch.Tensor,
         c: torch.Tensor,
+        cand_cat: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """States S (B,H,F,D), z (B,H,F), m (B,H), n (B,) and candidate tokens c (B,M,C)
         -> readout o (B,M,H,D) and log attention mass (B,M,H).
@@ -95,7 +135,9 @@ class LinearCrossAttention(nn.Module):
         """
         b, mc = c.shape[0], c.shape[1]
         q = self.q_proj(c).view(b, mc, self.heads, self.d_key)  # (B, M, H, d)
-        qf = self.phi_q(q)  # (B, M, H, F)
+        qf = self.phi_q(q)  # (B, M, H, F - cat_slots)
+        if self.cat_slots:
+            qf = torch.cat([qf, self.category_slots(cand_cat, keys=False)], dim=-1)  # (B,M,H,F)
         if self.phi_q.log_domain:
             # shift by the largest term of phi(q).z itself, so the dominant term is exactly 1
             # however far apart q and the state's scale are; it cancels in the ratio.

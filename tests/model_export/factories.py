@@ -25,6 +25,7 @@ def tiny_config(**overrides: Any) -> ModelConfig:
         "last_n": 8,
         "top_k": 5,
         "dropout": 0.0,
+        "cat_slots": 5,
     }
     base.update(overrides)
     if "decay_per_day" not in base:

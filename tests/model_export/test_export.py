@@ -33,7 +33,7 @@ ITEM_CATS = ITEM_IDS % 23
 def _config(**kw: Any) -> Any:
     base: dict[str, Any] = {
         "item_buckets": 2003, "category_buckets": 29, "action_buckets": 5, "d_model": 12,
-        "heads": 2, "d_head": 4, "mlp_hidden": (16,), "dropout": 0.0,
+        "heads": 2, "d_head": 4, "mlp_hidden": (16,), "dropout": 0.0, "cat_slots": 3,
     }  # fmt: skip
     base.update(kw)
     return default_config(**base)
@@ -82,7 +82,7 @@ def test_layout_and_manifest(exported: tuple[Path, Any, Any]) -> None:
     assert man["format"] == 1 and man["version"] == vdir.name and man["model_type"] == "ifa"
     assert man["config"]["model"] == "ifa" and man["opset"] >= 17 and man["created_at"]
     assert man["dims"] == {
-        "heads": 2, "d_phi": 4, "d_head": 4, "d_model": 12, "item_buckets": 2003,
+        "heads": 2, "d_phi": 7, "d_head": 4, "d_model": 12, "item_buckets": 2003,
         "category_buckets": 29, "action_buckets": 5, "decay_per_second": [0.0, 0.0],
     }  # fmt: skip
     assert man["training"] == {
@@ -97,10 +97,10 @@ def test_layout_and_manifest(exported: tuple[Path, Any, Any]) -> None:
         (n, "int64", ["N"]) for n in ("item", "category", "action", "ts")
     ]
     assert [(o["name"], o["shape"]) for o in state["outputs"]] == [
-        ("S", [2, 4, 4]), ("z", [2, 4]), ("m", [2]), ("t_ref", [])
+        ("S", [2, 7, 4]), ("z", [2, 7]), ("m", [2]), ("t_ref", [])
     ]  # fmt: skip
     assert [i["name"] for i in scorer["inputs"]] == ["S", "z", "m", "n", "item", "category", "mask"]
-    assert scorer["inputs"][0]["shape"] == ["B", 2, 4, 4]
+    assert scorer["inputs"][0]["shape"] == ["B", 2, 7, 4]
     assert scorer["inputs"][6] == {"name": "mask", "dtype": "bool", "shape": ["B", "M"]}
     assert scorer["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["B", "M"]}]
     with np.load(vdir / "items.npz") as npz:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from factories import T0, random_batch, random_events, tiny_config
 
 from ifa_common.state import EMPTY_LOG_SCALE, fold_arrays
@@ -143,7 +144,7 @@ def _exp_readout_reference(
 @pytest.mark.parametrize("cap", [30.0, 80.0])
 def test_exp_state_over_100k_events_with_large_keys_is_finite_and_exact(cap: float) -> None:
     # cap 80: e^80 * 100k overflows float32, so only the log-scale m keeps the state finite
-    model = _model("exp", (0.0, 2.0), exp_key_cap=cap)
+    model = _model("exp", (0.0, 2.0), exp_key_cap=cap, cat_slots=0)  # reference: learned map only
     with torch.no_grad():
         model.attn.k_proj.weight.mul_(3000.0)  # keys of several hundred: e^k overflows float32
         model.attn.q_proj.weight.mul_(3000.0)
@@ -154,7 +155,8 @@ def test_exp_state_over_100k_events_with_large_keys_is_finite_and_exact(cap: flo
         assert torch.isfinite(S).all() and torch.isfinite(z).all() and torch.isfinite(m).all()
         assert int(t) == int(ev[3].max()) and float(m.max()) > cap - 1  # the shift is in m
         c = model.embed.candidates(torch.arange(6)[None], torch.arange(6)[None])  # (1, 6, C)
-        o, mass = model.attn.read(S[None], z[None], m[None], torch.tensor([n]), c)
+        cats = torch.arange(6)[None]  # (1, 6)
+        o, mass = model.attn.read(S[None], z[None], m[None], torch.tensor([n]), c, cats)
     assert torch.isfinite(o).all() and torch.isfinite(mass).all()
     # the lifelong head (0) against a float64 brute force over all 100k events
     want = _exp_readout_reference(model, ev, c[0])[:, 0]  # (M, D)
@@ -183,13 +185,32 @@ def test_feature_maps_are_positive_kernels_with_declared_width() -> None:
         cfg = tiny_config(feature_map=fm)
         phi = _model(fm, DECAYS["lifelong"]).attn.phi_k
         px, py = phi(x), phi(y)
-        assert px.shape == (5, 2, cfg.d_phi)
+        assert px.shape == (5, 2, cfg.d_phi - cfg.cat_slots)  # + category slots, below
         if phi.log_domain:
             px, py = px.exp(), py.exp()
         assert ((px * py).sum(-1) > 0).all()
     taylor = _model("taylor", DECAYS["lifelong"]).attn.phi_k
     s = (x * y).sum(-1) / math.sqrt(4)
     assert torch.allclose((taylor(x) * taylor(y)).sum(-1), 1 + s + s * s / 2, atol=1e-4)
+
+
+@pytest.mark.parametrize("fm", ["exp", "elu"])
+def test_category_slots_add_an_exact_match_kernel(fm: str) -> None:
+    model = _model(fm, DECAYS["lifelong"], cat_slots=11)
+    attn = model.attn
+    with torch.no_grad():
+        attn.slot_strength.copy_(torch.tensor([0.5, 2.0]))
+        cats = torch.tensor([3, 3, 4, 0])  # same, same, other, unknown
+        k = attn.category_slots(cats, keys=True)  # (4, H, 11)
+        q = attn.category_slots(torch.tensor([3]), keys=False)  # (1, H, 11)
+        if attn.phi_k.log_domain:
+            k, q = k.exp(), q.exp()
+        kernel = (q * k).sum(-1)  # (4, H): the slot part of phi(q).phi(k)
+    strength = attn.slot_strength.exp() if fm == "exp" else F.softplus(attn.slot_strength)
+    assert torch.allclose(kernel[0], strength) and torch.allclose(kernel[1], strength)
+    assert kernel[2].abs().max() < 1e-6  # 3 and 4 fall in different slots for both strides
+    assert kernel[3].abs().max() < 1e-6  # unknown categories never match
+    assert int((k[0] > 1e-6).sum()) == 2  # one slot per head
 
 
 def test_decay_buffer_follows_config() -> None:

@@ -112,7 +112,7 @@ def test_model_info(redis_url: str, tiny_artifacts: Path) -> None:
         info = client.get("/v1/model").json()
         assert info["version"] == "v1" and info["provider"] == "cpu"
         assert info["providers"] == ["CPUExecutionProvider"]
-        assert info["dims"] == {"heads": 2, "d_phi": 4, "d_head": 4}
+        assert info["dims"] == {"heads": 2, "d_phi": 8, "d_head": 4}
         assert "state.onnx" in info["manifest"]["files"]
 
 

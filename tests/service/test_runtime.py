@@ -40,7 +40,7 @@ CATS = (ITEMS // 7) % 40
 def _export(root: Path, decay: tuple[float, float], seed: int) -> tuple[ModelRuntime, Any]:
     cfg = default_config(
         item_buckets=1009, category_buckets=17, action_buckets=5, d_model=12, heads=2,
-        d_head=4, mlp_hidden=(16,), dropout=0.0, decay_per_day=decay,
+        d_head=4, mlp_hidden=(16,), dropout=0.0, decay_per_day=decay, cat_slots=5,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
