@@ -79,6 +79,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--preset", default="small", choices=["tiny", "small", "full"])
     c.add_argument("--epochs", type=int, default=None)
     c.add_argument("--seeds", default="0", help="comma-separated seeds; the table shows the mean")
+    c.add_argument("--jobs", type=int, default=1, help="trainings in parallel (one core each)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     c.set_defaults(func=_lazy("model_export.compare:main"))
 

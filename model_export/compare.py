@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from model_export.plots import plot_compare
 from model_export.presets import resolve
@@ -46,22 +49,47 @@ def to_markdown(rows: list[dict[str, Any]], data: str, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _train_one(job: tuple[str, str, list[str], int | None, int, str, str]) -> dict[str, Any]:
+    name, preset, overrides, epochs, seed, data, out = job
+    cfg, tc = resolve(preset, name, overrides, epochs, seed)
+    return train_model(data, cfg, tc, Path(out) / f"{name}-s{seed}", preset, progress=False)
+
+
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    jobs = [
+        (n, args.preset, list(args.overrides), args.epochs, s, args.data, str(out))
+        for n in names
+        for s in seeds
+    ]
+    workers = max(1, int(getattr(args, "jobs", 1) or 1))
+    if workers == 1:
+        results = []
+        for name, preset, overrides, epochs, seed, data, _ in jobs:
+            cfg, tc = resolve(preset, name, overrides, epochs, seed)
+            results.append(train_model(data, cfg, tc, out / f"{name}-s{seed}", preset))
+    else:
+        # one single-threaded training per core; data is prepared once before forking work
+        from model_export.data_source import resolve_path
+
+        resolve_path(args.data, args.preset)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            results = list(
+                tqdm(pool.map(_train_one, jobs), total=len(jobs), desc="compare", unit="run")
+            )
     rows = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        runs = []
-        for seed in seeds:
-            cfg, tc = resolve(args.preset, name, args.overrides, args.epochs, seed)
-            runs.append(train_model(args.data, cfg, tc, out / f"{name}-s{seed}", args.preset))
-        row = summarise(runs)
+    for name in names:
+        row = summarise([r for r in results if r["model"] == name])
         rows.append(row)
         print(f"{name}: test auc {row['auc']['mean']:.4f} ± {row['auc']['std']:.4f}", flush=True)
     command = (
         f"ifa-rank compare --data {args.data} --models {args.models} --preset "
         f"{args.preset} --seeds {args.seeds} --out {args.out}"
+        + "".join(f" --set {o}" for o in args.overrides)
     )
     (out / "compare.json").write_text(
         json.dumps(

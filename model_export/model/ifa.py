@@ -23,7 +23,9 @@ from .linear_attention import LinearCrossAttention
 
 class IFAModel(RankModel):
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg, mass_dim=cfg.heads if cfg.use_mass else 0)
+        # mass features: the log attention mass of every head, plus log1p(n) so the head
+        # can turn shares into counts (a lifelong count is an intensity, not a share)
+        super().__init__(cfg, mass_dim=cfg.heads + 1 if cfg.use_mass else 0)
         self.attn = LinearCrossAttention(cfg)
         self.readout = nn.Linear(cfg.heads * cfg.d_head, cfg.d_model)
 
@@ -52,7 +54,10 @@ class IFAModel(RankModel):
         c = self.embed.candidates(cand_item, cand_cat)  # (B, M, C)
         o, mass = self.attn.read(S, z, m, n, c, cand_cat)  # (B, M, H, D), (B, M, H)
         r = self.readout(o.flatten(2))  # (B, M, H*D) -> (B, M, C)
-        return self.head(c, r, cand_mask, mass if self.cfg.use_mass else None)
+        if not self.cfg.use_mass:
+            return self.head(c, r, cand_mask, None)
+        log_n = torch.log1p(n.to(mass.dtype)).view(-1, 1, 1).expand(-1, mass.shape[1], 1)
+        return self.head(c, r, cand_mask, torch.cat([mass, log_n], dim=-1))  # (B, M, H+1)
 
     def prefix_states(
         self, batch: UserBatch

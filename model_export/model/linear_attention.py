@@ -48,7 +48,7 @@ class LinearCrossAttention(nn.Module):
             self.register_buffer("slot_ids", torch.arange(cfg.cat_slots, dtype=torch.long))
             # log weight of a category match; starts above the learned map's ~d_key so the
             # exact match is visible from the first step (at 0 it drowns and learns slowly)
-            self.slot_strength = nn.Parameter(torch.full((cfg.heads,), 3.0))  # (H,)
+            self.slot_strength = nn.Parameter(torch.full((cfg.heads,), 5.0))  # (H,)
 
     def category_slots(self, cat: torch.Tensor, keys: bool) -> torch.Tensor:
         """Category buckets (..., ) -> slot features (..., H, cat_slots).
