@@ -67,7 +67,7 @@ def _events(n: int, seed: int = 0) -> np.ndarray:
 
 # ModelConfig's defaults (model_export/model/config.py), spelled out so that the runtime
 # part runs before anything imports torch.
-DEFAULT_DIMS = {"heads": 4, "d_phi": 8, "d_head": 8, "d_model": 32, "item_buckets": 65_536}
+DEFAULT_DIMS = {"heads": 4, "d_phi": 136, "d_head": 8, "d_model": 32, "item_buckets": 65_536}
 
 
 def _runtime(artifacts: Path | None, tmp: Path) -> tuple[ModelRuntime, str]:

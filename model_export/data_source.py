@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +18,13 @@ def resolve_path(data: str, preset: str | None) -> Path:
 
         return prepare(DATA_ROOT)
     if data == "synthetic":
-        from model_export.data.synthetic import generate
+        from model_export.data.synthetic import generate, write_log
 
         spec = SYNTHETIC[preset or "small"]
         path = DATA_ROOT / "synthetic" / f"lifelong-{preset or 'small'}.parquet"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            frame = generate(
-                users=spec.users,
-                min_len=spec.min_len,
-                max_len=spec.max_len,
-                items=spec.items,
-                categories=spec.categories,
-                requests_per_user=spec.requests,
-                seed=0,
-            )
-            tmp = path.with_suffix(".tmp.parquet")
-            frame.to_parquet(tmp, index=False)
-            tmp.replace(path)
+            frame = generate(**asdict(spec), seed=0, progress=True)
+            write_log(frame, path.with_suffix(".tmp.parquet")).replace(path)
         return path
     path = Path(data)
     if not path.is_file():

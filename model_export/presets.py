@@ -31,7 +31,7 @@ class SyntheticSpec:
     max_len: int
     items: int
     categories: int
-    requests: int
+    requests_per_user: int
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -49,7 +49,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "small": {
         "model": {},
-        "train": {"epochs": 6},
+        "train": {"epochs": 5},
     },
     "full": {
         "model": {
@@ -65,13 +65,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 SYNTHETIC: dict[str, SyntheticSpec] = {
     "tiny": SyntheticSpec(
-        users=24, min_len=200, max_len=2_000, items=2_000, categories=40, requests=6
+        users=24, min_len=200, max_len=2_000, items=2_000, categories=40, requests_per_user=6
     ),
     "small": SyntheticSpec(
-        users=240, min_len=1_000, max_len=10_000, items=10_000, categories=100, requests=10
+        users=240, min_len=1_000, max_len=10_000, items=10_000, categories=100, requests_per_user=10
     ),
     "full": SyntheticSpec(
-        users=2_000, min_len=1_000, max_len=100_000, items=50_000, categories=200, requests=10
+        users=2_000,
+        min_len=1_000,
+        max_len=100_000,
+        items=50_000,
+        categories=200,
+        requests_per_user=10,
     ),
 }
 

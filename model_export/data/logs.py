@@ -32,12 +32,12 @@ anything is built.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ifa_common.manifest import sha256_file
 from model_export.data.columns import (
     SPLITS,
     LogFormatError,
@@ -111,14 +111,6 @@ def default_splits(rank: np.ndarray, count: np.ndarray) -> np.ndarray:
     out[rank >= count - n_test - n_valid] = 1
     out[rank >= count - n_test] = 2
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _offsets(group: np.ndarray, n_groups: int) -> np.ndarray:
@@ -240,7 +232,7 @@ def load_log(path: str | Path) -> LogData:
     items, item_cats = item_table(item, category)
     return LogData(
         source=str(path),
-        content_sha256=_sha256(path),
+        content_sha256=sha256_file(path),
         num_rows=n,
         ignored_rows=int((no_request & (label == 0)).sum()),
         user_ids=user_ids,

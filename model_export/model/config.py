@@ -32,7 +32,8 @@ class ModelConfig:
     last_n: int = 100  # din: events attended
     top_k: int = 100  # sim_hard / twin: events kept per candidate
     eps: float = 1e-6  # linear-attention denominator guard
-    cat_slots: int = 32  # ifa: exact-category feature slots per head (0 = off), see linear_attention
+    cat_slots: int = 128  # ifa: exact-category slots per head (0 = off); see linear_attention
+    cat_slot_init: float = 8.0  # ifa: initial log weight of a category match
     exp_key_cap: float = 30.0  # ifa exp map: key log-features soft-capped to +-cap (float32 range)
 
     def __post_init__(self) -> None:

@@ -46,9 +46,10 @@ class LinearCrossAttention(nn.Module):
             strides = [SLOT_STRIDES[h % len(SLOT_STRIDES)] for h in range(cfg.heads)]
             self.register_buffer("slot_stride", torch.tensor(strides, dtype=torch.long))
             self.register_buffer("slot_ids", torch.arange(cfg.cat_slots, dtype=torch.long))
-            # log weight of a category match; starts above the learned map's ~d_key so the
-            # exact match is visible from the first step (at 0 it drowns and learns slowly)
-            self.slot_strength = nn.Parameter(torch.full((cfg.heads,), 5.0))  # (H,)
+            # log weight of a category match; starts far above the learned map's ~d_key so
+            # a category's events dominate its readout from the first step (at 0 the match
+            # drowns in the learned part, and Adam moves it by only ~lr per step)
+            self.slot_strength = nn.Parameter(torch.full((cfg.heads,), cfg.cat_slot_init))  # (H,)
 
     def category_slots(self, cat: torch.Tensor, keys: bool) -> torch.Tensor:
         """Category buckets (..., ) -> slot features (..., H, cat_slots).
@@ -61,16 +62,14 @@ class LinearCrossAttention(nn.Module):
         per-category counts); still one feature vector per event, so the state stays
         additive. Unknown categories (bucket 0) occupy no slot.
         """
-        slot = (cat.unsqueeze(-1) * self.slot_stride) % self.cat_slots  # (..., H)
+        stride: torch.Tensor = self.slot_stride  # type: ignore[assignment]  # buffer
+        slot = (cat.unsqueeze(-1) * stride) % self.cat_slots  # (..., H)
         hit = (slot.unsqueeze(-1) == self.slot_ids) & (cat > 0)[..., None, None]  # (..., H, B)
-        if self.phi_k.log_domain:
-            on = self.slot_strength.view(-1, 1) if keys else torch.zeros_like(
-                self.slot_strength.view(-1, 1)
-            )  # (H, 1) log phi of an occupied slot
+        strength = self.slot_strength.view(-1, 1)  # (H, 1)
+        if self.phi_k.log_domain:  # log phi of an occupied slot: the strength on keys, 0 on queries
+            on = strength if keys else torch.zeros_like(strength)
             return torch.where(hit, on, torch.full_like(on, NO_SLOT))
-        on = F.softplus(self.slot_strength).view(-1, 1) if keys else torch.ones_like(
-            self.slot_strength.view(-1, 1)
-        )
+        on = F.softplus(strength) if keys else torch.ones_like(strength)
         return hit.to(on.dtype) * on  # (..., H, B)
 
     def keys_values(self, e: torch.Tensor, cat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
