@@ -27,6 +27,7 @@ SEQUENCE_BUCKETS: Final = (0, 10, 100, 1_000, 10_000, 50_000, 100_000, 500_000, 
 
 OUTCOMES: Final = ("ok", "degraded", "rejected", "error")
 STAGES: Final = ("redis", "state", "score", "serialize")
+API_ROUTES: Final = ("/rank", "/events", "/v1/model", "/admin/reload")  # counted by HTTP code
 CACHE_RESULTS: Final = ("hit", "refresh", "miss")
 DEGRADED_REASONS: Final = ("partial_state", "stale_state", "no_history", "overloaded")
 STATE_SOURCES: Final = ("local", "redis", "build")
@@ -136,6 +137,9 @@ class Metrics:
             self.degraded.labels(reason)
         for src in STATE_SOURCES:
             self.state_source.labels(src)
+        for route in API_ROUTES:
+            # a first 500 must be an increase from 0, or increase()-based alerts miss it
+            self.http_responses.labels(route, "500")
         self._model_labels: tuple[str, str] | None = None
 
     def set_model(self, version: str, provider: str) -> None:

@@ -17,10 +17,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .metrics import Metrics
+from .metrics import API_ROUTES, Metrics
 
 NOT_COUNTED: Final = frozenset({"/healthz", "/readyz", "/metrics"})
-COUNTED_ROUTES: Final = frozenset({"/rank", "/events", "/v1/model", "/admin/reload"})
+COUNTED_ROUTES: Final = frozenset(API_ROUTES)
 
 
 class JSONResponse(Response):
