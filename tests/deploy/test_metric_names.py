@@ -146,9 +146,10 @@ def test_suffixes_match_metric_types() -> None:
     exprs, recorded = _all_exprs()
     for expr in exprs:
         for name in metric_names_in(expr) - recorded - BUILTIN:
-            if name in CONTRACT:
-                assert CONTRACT[name] != "histogram", f"{name} used without _bucket/_sum/_count"
-                if CONTRACT[name] == "counter":
+            kinds = CONTRACT | EXTRAS
+            if name in kinds:
+                assert kinds[name] != "histogram", f"{name} used without _bucket/_sum/_count"
+                if kinds[name] == "counter":
                     assert re.search(rf"(rate|increase)\(\s*{name}\b", expr), f"{name} not rated"
             else:
                 base = next(name[: -len(s)] for s in HISTOGRAM_SUFFIXES if name.endswith(s))
