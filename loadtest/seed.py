@@ -291,6 +291,7 @@ def _redis_url(args: argparse.Namespace) -> str:
 def main(args: argparse.Namespace) -> int:
     """Handler of `ifa-rank seed`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per POST is noise
     dist = getattr(args, "length_dist", "fixed")
     min_length = getattr(args, "min_length", 1000)
     categories = getattr(args, "categories", 200)
