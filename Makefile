@@ -17,7 +17,7 @@ install: $(STAMP)
 run: install
 	$(BIN)/ifa-rank data movielens --dir data
 	@if [ ! -f artifacts/latest ]; then \
-		$(BIN)/ifa-rank train --data movielens --model ifa --preset small --out runs/quickstart && \
+		$(BIN)/ifa-rank train --data movielens --model ifa --preset small --epochs 3 --out runs/quickstart && \
 		$(BIN)/ifa-rank export runs/quickstart/checkpoint.pt --out artifacts; \
 	else echo "serving artifact $$(cat artifacts/latest) (remove artifacts/ to retrain)"; fi
 	$(BIN)/python -m loadtest.quickstart

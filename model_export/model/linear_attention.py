@@ -95,11 +95,23 @@ class LinearCrossAttention(nn.Module):
         gap = (t_ref - ts).to(torch.float32)  # (N,) int64 difference first, then float
         logw = -gap.unsqueeze(1) * self.decay  # (N, H)
         empty = torch.full((h, 1), EMPTY_LOG_SCALE, dtype=logw.dtype, device=logw.device)
-        if self.phi_k.log_domain:
+        if self.phi_k.log_domain and not self.cat_slots:
             lw = logw.unsqueeze(2) + kf  # (N, H, F) log weight of each feature
             flat = lw.transpose(0, 1).flatten(1)  # (H, N*F)
             m = torch.cat([flat.detach(), empty], dim=1).amax(dim=1)  # (H,)
             kw = torch.exp(lw - m.view(1, h, 1))  # (N, H, F), every entry <= 1
+        elif self.phi_k.log_domain:
+            # Category slots are one-hot: one exp per (event, head) for them, not one per
+            # slot (F = d_key + cat_slots; the slots are most of F). Same values as exp(lw - m).
+            learned, slots = kf.split([kf.shape[-1] - self.cat_slots, self.cat_slots], dim=-1)
+            lw = logw.unsqueeze(2) + learned  # (N, H, d) log weight of each learned feature
+            lws = logw + slots.amax(dim=-1, keepdim=True).squeeze(-1)  # (N, H) (NO_SLOT if none)
+            flat = torch.cat([lw, lws.unsqueeze(2)], dim=2).transpose(0, 1).flatten(1)
+            m = torch.cat([flat.detach(), empty], dim=1).amax(dim=1)  # (H,)
+            kw_l = torch.exp(lw - m.view(1, h, 1))  # (N, H, d), every entry <= 1
+            occupied = (slots > NO_SLOT / 2).to(kw_l.dtype)  # (N, H, B) one-hot
+            kw_s = occupied * torch.exp(lws - m.view(1, h)).unsqueeze(2)  # (N, H, B)
+            kw = torch.cat([kw_l, kw_s], dim=2)  # (N, H, F)
         else:
             m = torch.cat([logw.transpose(0, 1).detach(), empty], dim=1).amax(dim=1)  # (H,)
             kw = kf * torch.exp(logw - m.view(1, h)).unsqueeze(2)  # (N, H, F)
