@@ -34,6 +34,7 @@ def _config(**kw: Any) -> Any:
     base: dict[str, Any] = {
         "item_buckets": 2003, "category_buckets": 29, "action_buckets": 5, "d_model": 12,
         "heads": 2, "d_head": 4, "mlp_hidden": (16,), "dropout": 0.0, "cat_slots": 3,
+        "use_mass": True,
     }  # fmt: skip
     base.update(kw)
     return default_config(**base)

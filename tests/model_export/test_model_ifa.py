@@ -80,13 +80,13 @@ def test_empty_chunk_gives_the_empty_state() -> None:
     assert t.dtype == torch.long and int(t) == 0
 
 
-@pytest.mark.parametrize("set_layer", [False, True])
+@pytest.mark.parametrize(("set_layer", "use_mass"), [(False, False), (False, True), (True, True)])
 @pytest.mark.parametrize("decay", DECAYS.values(), ids=DECAYS.keys())
 @pytest.mark.parametrize("fm", FEATURE_MAPS)
 def test_forward_equals_score_of_built_prefix_state(
-    fm: str, decay: tuple[float, ...], set_layer: bool
+    fm: str, decay: tuple[float, ...], set_layer: bool, use_mass: bool
 ) -> None:
-    model = _model(fm, decay, set_layer=set_layer)
+    model = _model(fm, decay, set_layer=set_layer, use_mass=use_mass)
     batch = random_batch(model.cfg, n_events=80, n_requests=6, n_cands=9, seed=4)
     with torch.no_grad():
         logits = model(batch)
