@@ -64,16 +64,18 @@ class IFAModel(RankModel):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The state of every request's history prefix: S (R,H,F,D), z (R,H,F), m (R,H), t (R,)."""
         e = self.embed.events(batch.ev_item, batch.ev_cat, batch.ev_action)  # (N, C)
-        kf, v = self.attn.keys_values(e, batch.ev_cat)  # (N, H, F), (N, H, D)
+        kf, v = self.attn.keys_values(e)  # (N, H, d), (N, H, D)
         ts = batch.ev_ts
         decay = self.attn.decay.double()  # folds in float64, like serving
-        empty = self.attn.state_from(kf[:0], v[:0], ts[:0])
+        empty = self.attn.state_from(kf[:0], v[:0], ts[:0], batch.ev_cat[:0])
         S, z, m, t = empty
         states = []
         start = 0
         for end in batch.req_prefix.tolist():
             if end > start:  # segment [start, end): its own state, then the exact fold
-                seg = self.attn.state_from(kf[start:end], v[start:end], ts[start:end])
+                seg = self.attn.state_from(
+                    kf[start:end], v[start:end], ts[start:end], batch.ev_cat[start:end]
+                )
                 S, z, m, t = fold_arrays(S, z, m, t, *seg, decay)
                 S, z = S.float(), z.float()
                 start = end

@@ -62,8 +62,7 @@ class LinearCrossAttention(nn.Module):
         per-category counts); still one feature vector per event, so the state stays
         additive. Unknown categories (bucket 0) occupy no slot.
         """
-        stride: torch.Tensor = self.slot_stride  # type: ignore[assignment]  # buffer
-        slot = (cat.unsqueeze(-1) * stride) % self.cat_slots  # (..., H)
+        slot = self.slot_index(cat)  # (..., H)
         hit = (slot.unsqueeze(-1) == self.slot_ids) & (cat > 0)[..., None, None]  # (..., H, B)
         strength = self.slot_strength.view(-1, 1)  # (H, 1)
         if self.phi_k.log_domain:  # log phi of an occupied slot: the strength on keys, 0 on queries
@@ -72,53 +71,70 @@ class LinearCrossAttention(nn.Module):
         on = F.softplus(strength) if keys else torch.ones_like(strength)
         return hit.to(on.dtype) * on  # (..., H, B)
 
-    def keys_values(self, e: torch.Tensor, cat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Events (N, C), category buckets (N,) -> key features (N, H, F) (log phi for the
-        exp map), values (N, H, D)."""
+    def slot_index(self, cat: torch.Tensor) -> torch.Tensor:
+        """Category buckets (...,) -> each head's slot (..., H) in [0, cat_slots)."""
+        stride: torch.Tensor = self.slot_stride  # type: ignore[assignment]  # buffer
+        return (cat.unsqueeze(-1) * stride) % self.cat_slots  # (..., H)
+
+    def keys_values(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Events (N, C) -> learned key features (N, H, d) (log phi for the exp map) and
+        values (N, H, D). The category slots are added by `state_from` (sparse)."""
         n = e.shape[0]
         k = self.k_proj(e).view(n, self.heads, self.d_key)  # (N, H, d)
         v = self.v_proj(e).view(n, self.heads, self.d_head)  # (N, H, D)
-        kf = self.phi_k(k)  # (N, H, F - cat_slots)
-        if self.cat_slots:
-            kf = torch.cat([kf, self.category_slots(cat, keys=True)], dim=-1)  # (N, H, F)
-        return kf, v
+        return self.phi_k(k), v
 
     def state_from(
-        self, kf: torch.Tensor, v: torch.Tensor, ts: torch.Tensor
+        self, kf: torch.Tensor, v: torch.Tensor, ts: torch.Tensor, cat: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Key features (N, H, F), values (N, H, D), ts (N,) long -> (S, z, m, t_ref).
+        """Learned key features (N, H, d), values (N, H, D), ts (N,) long, category
+        buckets (N,) -> (S (H,F,D), z (H,F), m (H,), t_ref ()).
 
+        F = d learned features, then `cat_slots` slot features. The slots are the one-hot
+        features of `category_slots(cat, keys=True)`, summed sparsely: one weight per
+        (event, head) scattered into its slot (index_add), never an (N, H, cat_slots)
+        tensor, so a state costs O(N·H·(d+1)·D) whatever the number of slots.
         N = 0 gives S = z = 0, m = EMPTY_LOG_SCALE, t_ref = 0 without any branch.
         """
-        h = self.heads
+        h, b, n = self.heads, self.cat_slots, kf.shape[0]
         t_ref = torch.cat([ts, ts.new_zeros(1)]).amax(dim=0)  # () long; 0 when empty
         gap = (t_ref - ts).to(torch.float32)  # (N,) int64 difference first, then float
         logw = -gap.unsqueeze(1) * self.decay  # (N, H)
         empty = torch.full((h, 1), EMPTY_LOG_SCALE, dtype=logw.dtype, device=logw.device)
-        if self.phi_k.log_domain and not self.cat_slots:
-            lw = logw.unsqueeze(2) + kf  # (N, H, F) log weight of each feature
-            flat = lw.transpose(0, 1).flatten(1)  # (H, N*F)
-            m = torch.cat([flat.detach(), empty], dim=1).amax(dim=1)  # (H,)
-            kw = torch.exp(lw - m.view(1, h, 1))  # (N, H, F), every entry <= 1
-        elif self.phi_k.log_domain:
-            # Category slots are one-hot: one exp per (event, head) for them, not one per
-            # slot (F = d_key + cat_slots; the slots are most of F). Same values as exp(lw - m).
-            learned, slots = kf.split([kf.shape[-1] - self.cat_slots, self.cat_slots], dim=-1)
-            lw = logw.unsqueeze(2) + learned  # (N, H, d) log weight of each learned feature
-            lws = logw + slots.amax(dim=-1, keepdim=True).squeeze(-1)  # (N, H) (NO_SLOT if none)
-            flat = torch.cat([lw, lws.unsqueeze(2)], dim=2).transpose(0, 1).flatten(1)
-            m = torch.cat([flat.detach(), empty], dim=1).amax(dim=1)  # (H,)
-            kw_l = torch.exp(lw - m.view(1, h, 1))  # (N, H, d), every entry <= 1
-            occupied = (slots > NO_SLOT / 2).to(kw_l.dtype)  # (N, H, B) one-hot
-            kw_s = occupied * torch.exp(lws - m.view(1, h)).unsqueeze(2)  # (N, H, B)
-            kw = torch.cat([kw_l, kw_s], dim=2)  # (N, H, F)
+        known = (cat > 0).unsqueeze(1)  # (N, 1): unknown categories occupy no slot
+        ws = logw  # (N, H) slot weight of each event; replaced below when there are slots
+        if self.phi_k.log_domain:
+            lw = logw.unsqueeze(2) + kf  # (N, H, d) log weight of each learned feature
+            parts = [lw.transpose(0, 1).flatten(1)]  # (H, N*d)
+            if b:
+                strength = self.slot_strength.view(1, h)  # (1, H) log phi of an occupied slot
+                lws = torch.where(known, logw + strength, torch.full_like(logw, NO_SLOT))
+                parts.append(lws.transpose(0, 1))  # (H, N)
+            m = torch.cat([*parts, empty.to(lw.dtype)], dim=1).detach().amax(dim=1)  # (H,)
+            kw = torch.exp(lw - m.view(1, h, 1))  # (N, H, d), every entry <= 1
+            if b:
+                ws = torch.exp(lws - m.view(1, h))  # (N, H), 0 where no slot
         else:
             m = torch.cat([logw.transpose(0, 1).detach(), empty], dim=1).amax(dim=1)  # (H,)
-            kw = kf * torch.exp(logw - m.view(1, h)).unsqueeze(2)  # (N, H, F)
+            base = torch.exp(logw - m.view(1, h))  # (N, H)
+            kw = kf * base.unsqueeze(2)  # (N, H, d)
+            if b:
+                on = F.softplus(self.slot_strength).view(1, h)  # (1, H)
+                ws = torch.where(known, on * base, torch.zeros_like(base))  # (N, H)
         S = torch.matmul(
             kw.permute(1, 2, 0), v.transpose(0, 1)
-        )  # (H, F, N) @ (H, N, D) -> (H, F, D)
-        z = kw.sum(dim=0)  # (H, F)
+        )  # (H, d, N) @ (H, N, D) -> (H, d, D)
+        z = kw.sum(dim=0)  # (H, d)
+        if b:
+            heads = torch.arange(h, device=cat.device).view(1, h)  # (1, H)
+            flat = (heads * b + self.slot_index(cat)).reshape(n * h)  # (N*H,) row of (H*B)
+            vals = (ws.unsqueeze(2) * v).reshape(n * h, self.d_head)  # (N*H, D)
+            S_s = torch.zeros(h * b, self.d_head, dtype=v.dtype, device=v.device)
+            S_s = S_s.index_add(0, flat, vals).view(h, b, self.d_head)  # (H, B, D)
+            z_s = torch.zeros(h * b, dtype=ws.dtype, device=ws.device)
+            z_s = z_s.index_add(0, flat, ws.reshape(n * h)).view(h, b)  # (H, B)
+            S = torch.cat([S, S_s], dim=1)  # (H, F, D)
+            z = torch.cat([z, z_s], dim=1)  # (H, F)
         return S, z, m, t_ref
 
     def build_state(
@@ -126,8 +142,8 @@ class LinearCrossAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Event vectors (N, C), category buckets (N,), ts (N,) long
         -> (S (H,F,D), z (H,F), m (H,), t_ref () long)."""
-        kf, v = self.keys_values(e, cat)
-        return self.state_from(kf, v, ts)
+        kf, v = self.keys_values(e)
+        return self.state_from(kf, v, ts, cat)
 
     def read(
         self,
