@@ -24,9 +24,7 @@ class ModelConfig:
     d_key: int = 0  # query/key width per head d before phi (0 = d_head)
     feature_map: str = "exp"  # ifa's positive map phi: elu | exp | hedgehog | taylor
     decay_per_day: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # ifa: lambda_h per head, 0 = lifelong
-    use_mass: bool = (
-        False  # ifa: feed log attention mass to the head (measured: no gain with slots)
-    )
+    use_mass: bool = False  # ifa: log attention mass to the head (no gain with slots)
     set_layer: bool = False  # self-attention over the candidate set
     set_heads: int = 2
     mlp_hidden: tuple[int, ...] = (64, 32)
