@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 import redis
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from ifa_common.records import make_events, pack
 from service.settings import Settings
@@ -73,3 +75,12 @@ def wait_until(predicate: Any, timeout_s: float = 30.0, interval_s: float = 0.05
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(interval_s)
+
+
+def metric_value(client: TestClient, name: str, **labels: str) -> float:
+    """The value of one sample of the app's /metrics (0 when absent)."""
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0

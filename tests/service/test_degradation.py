@@ -10,21 +10,12 @@ from typing import Any
 
 import numpy as np
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
-from svc_helpers import make_settings, random_events, seed_sequence, user, wait_until
+from svc_helpers import make_settings, metric_value, random_events, seed_sequence, user, wait_until
 
 from service.app import create_app
 from service.embedded_redis import RedisServer
 
 CANDS = [1, 5, 9, 13, 60, 61]
-
-
-def sample(client: TestClient, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return 0.0
 
 
 def rank(client: TestClient, u: str, **extra: Any) -> dict[str, Any]:
@@ -57,9 +48,12 @@ def test_redis_stopped_then_restarted(private_redis: RedisServer, tiny_artifacts
         r = client.post("/events", json={"user_id": a, "events": random_events(1)})
         assert r.status_code == 503 and r.headers["retry-after"]
         assert client.get("/healthz").status_code == 200
-        assert sample(client, "ifa_rank_degraded_total", reason="stale_state") >= 5
-        assert sample(client, "ifa_rank_degraded_total", reason="no_history") >= 5
-        assert sample(client, "ifa_rank_request_duration_seconds_count", outcome="degraded") >= 10
+        assert metric_value(client, "ifa_rank_degraded_total", reason="stale_state") >= 5
+        assert metric_value(client, "ifa_rank_degraded_total", reason="no_history") >= 5
+        assert (
+            metric_value(client, "ifa_rank_request_duration_seconds_count", outcome="degraded")
+            >= 10
+        )
 
         private_redis.start()  # same port and data directory
         after = wait_until(lambda: (x := rank(client, a))["degraded"] is None and x)
@@ -112,8 +106,8 @@ def test_small_budget_gives_partial_state_then_warm(redis_url: str, tiny_artifac
         full = rank(client, twin, budget_ms=60_000)  # the same history built in one go
         np.testing.assert_allclose(scores(again), scores(full), atol=1e-4)
         assert scores(first) != scores(full)
-        assert sample(client, "ifa_rank_degraded_total", reason="partial_state") == 1
-        assert sample(client, "ifa_state_cache_total", result="hit") >= 1
+        assert metric_value(client, "ifa_rank_degraded_total", reason="partial_state") == 1
+        assert metric_value(client, "ifa_state_cache_total", result="hit") >= 1
 
 
 def test_concurrent_cold_requests_share_one_build(redis_url: str, tiny_artifacts: Path) -> None:
@@ -131,7 +125,7 @@ def test_concurrent_cold_requests_share_one_build(redis_url: str, tiny_artifacts
             t.join()
         assert [r["degraded"] for r in out] == [None] * 6
         assert len({tuple(scores(r)) for r in out}) == 1
-        assert sample(client, "ifa_background_builds_total", result="ok") == 1
+        assert metric_value(client, "ifa_background_builds_total", result="ok") == 1
 
 
 def test_overload_is_503_with_retry_after_at_once(redis_url: str, tiny_artifacts: Path) -> None:
@@ -143,5 +137,7 @@ def test_overload_is_503_with_retry_after_at_once(redis_url: str, tiny_artifacts
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         ranker.inflight = 0
         assert client.post("/rank", json={"user_id": "u", "candidates": CANDS}).status_code == 200
-        assert sample(client, "ifa_rank_degraded_total", reason="overloaded") == 1
-        assert sample(client, "ifa_rank_request_duration_seconds_count", outcome="rejected") == 1
+        assert metric_value(client, "ifa_rank_degraded_total", reason="overloaded") == 1
+        assert (
+            metric_value(client, "ifa_rank_request_duration_seconds_count", outcome="rejected") == 1
+        )

@@ -11,7 +11,7 @@ from typing import Any
 import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from svc_helpers import make_settings, random_events, user, wait_until
+from svc_helpers import make_settings, metric_value, random_events, user, wait_until
 
 from service.app import create_app
 from service.embedded_redis import RedisServer
@@ -24,14 +24,6 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 def families(client: TestClient) -> dict[str, Any]:
     return {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
-
-
-def sample(client: TestClient, name: str, **labels: str) -> float:
-    for family in families(client).values():
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return 0.0
 
 
 def test_metrics_expose_the_contract(redis_url: str, tiny_artifacts: Path) -> None:
@@ -67,15 +59,15 @@ def test_metrics_expose_the_contract(redis_url: str, tiny_artifacts: Path) -> No
         for reason in ("partial_state", "stale_state", "no_history"):
             assert f'ifa_rank_degraded_total{{reason="{reason}"}}' in text
         for stage in ("redis", "state", "score", "serialize"):
-            assert sample(client, "ifa_rank_stage_duration_seconds_count", stage=stage) == 3
-        assert sample(client, "ifa_rank_request_duration_seconds_count", outcome="ok") == 3
-        assert sample(client, "ifa_rank_request_duration_seconds_count", outcome="error") == 1
+            assert metric_value(client, "ifa_rank_stage_duration_seconds_count", stage=stage) == 3
+        assert metric_value(client, "ifa_rank_request_duration_seconds_count", outcome="ok") == 3
+        assert metric_value(client, "ifa_rank_request_duration_seconds_count", outcome="error") == 1
         assert 'le="0.0005"' in text and 'le="1.0"' in text
-        assert sample(client, "ifa_events_appended_total") == 5
-        assert sample(client, "ifa_rank_candidates_count") == 3
+        assert metric_value(client, "ifa_events_appended_total") == 5
+        assert metric_value(client, "ifa_rank_candidates_count") == 3
         # health and metrics endpoints are not counted as requests
         assert "/healthz" not in text and "/metrics" not in text and "/readyz" not in text
-        assert sample(client, "ifa_inflight_requests") == 0
+        assert metric_value(client, "ifa_inflight_requests") == 0
 
 
 def test_not_ready_without_a_model_but_alive(redis_url: str, tmp_path: Path) -> None:
@@ -162,7 +154,7 @@ def test_reload_under_load_loses_no_request_and_drops_old_states(
         stop.set()
         for t in threads:
             t.join()
-        misses_v2 = sample(client, "ifa_state_cache_total", result="miss")
+        misses_v2 = metric_value(client, "ifa_state_cache_total", result="miss")
         assert client.get("/v1/model").json()["version"] == "v2"
         assert 'ifa_model_info{provider="cpu",version="v2"} 1.0' in client.get("/metrics").text
         assert 'version="v1"' not in client.get("/metrics").text

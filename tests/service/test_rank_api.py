@@ -8,23 +8,13 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
-from svc_helpers import make_settings, random_events, user
+from svc_helpers import make_settings, metric_value, random_events, user
 
 from ifa_common.records import make_events
 from service.app import create_app
 from service.runtime import ModelRuntime
 
 CANDIDATES = [3, 17, 42, 42, 99, 1000, 7, 0, 123456789, 2**62]
-
-
-def metric(client: TestClient, name: str, **labels: str) -> float:
-    text = client.get("/metrics").text
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return 0.0
 
 
 def rank(client: TestClient, user_id: str, **body: Any) -> dict[str, Any]:
@@ -109,15 +99,15 @@ def test_incremental_equals_fresh_across_users_and_restarts(
         np.testing.assert_allclose(
             [s for _, s in by_item(ra)], [s for _, s in by_item(rb)], atol=1e-4
         )
-        assert metric(client, "ifa_state_cache_total", result="refresh") >= 1
+        assert metric_value(client, "ifa_state_cache_total", result="refresh") >= 1
         client.post("/events", json={"user_id": a, "events": e3})
         ra3 = rank(client, a)  # refresh past the inline cap: a second read
         client.post("/events", json={"user_id": b, "events": e3})
     with TestClient(create_app(settings)) as client:  # restart: states come from Redis
         rb3 = rank(client, b)  # B's stored state is behind by e3: refreshed
         ra_again = rank(client, a)  # A's stored state is current
-        assert metric(client, "ifa_state_source_total", source="redis") >= 1
-        assert metric(client, "ifa_state_cache_total", result="miss") == 0
+        assert metric_value(client, "ifa_state_source_total", source="redis") >= 1
+        assert metric_value(client, "ifa_state_cache_total", result="miss") == 0
     for x, y in ((ra3, rb3), (ra3, ra_again)):
         np.testing.assert_allclose(
             [s for _, s in by_item(x)], [s for _, s in by_item(y)], atol=1e-4
@@ -134,4 +124,4 @@ def test_events_defaults_and_idempotency(client: TestClient) -> None:
     assert other.status_code == 409 and "idempotency_key" in other.json()["error"]
     plain = client.post("/events", json={"user_id": u, "events": [{"item_id": 8, "ts": 1}]})
     assert plain.json()["length"] == 2
-    assert metric(client, "ifa_events_appended_total") == 2
+    assert metric_value(client, "ifa_events_appended_total") == 2
