@@ -43,10 +43,13 @@ from ifa_common.manifest import (
 from ifa_common.records import make_events
 
 from .model.config import ModelConfig
+from .model.ifa import IFAModel
+from .serving_score import serving_scorer_graph
+from .serving_state import serving_state_graph
 
 log = logging.getLogger(__name__)
 
-OPSET: Final = 18
+OPSET: Final = 20
 PARITY_ATOL: Final = 1e-4
 STATE_FILE: Final = "state.onnx"
 SCORER_FILE: Final = "scorer.onnx"
@@ -231,7 +234,11 @@ def _example_inputs(cfg: ModelConfig) -> tuple[tuple[torch.Tensor, ...], tuple[t
 def _export_graphs(model: nn.Module, cfg: ModelConfig, out: Path) -> str:
     """Write state.onnx and scorer.onnx; returns the exporter used ("dynamo" or "legacy")."""
     state_args, scorer_args = _example_inputs(cfg)
-    state_mod, scorer_mod = StateGraph(model).eval(), ScorerGraph(model).eval()
+    # the CPU layout of build_state where there is one (same function, see serving_state)
+    fast = serving_state_graph(model) if isinstance(model, IFAModel) else None
+    state_mod = fast if fast is not None else StateGraph(model).eval()
+    fast_scorer = serving_scorer_graph(model) if isinstance(model, IFAModel) else None
+    scorer_mod = fast_scorer if fast_scorer is not None else ScorerGraph(model).eval()
     try:
         _export_dynamo(state_mod, state_args, out / STATE_FILE, STATE_IO, "state")
         _export_dynamo(scorer_mod, scorer_args, out / SCORER_FILE, SCORER_IO, "scorer")
@@ -240,8 +247,10 @@ def _export_graphs(model: nn.Module, cfg: ModelConfig, out: Path) -> str:
         log.warning(
             "dynamo ONNX export failed (%s: %s); using the legacy exporter", type(e).__name__, e
         )
-    _export_legacy(state_mod, state_args, out / STATE_FILE, STATE_IO, "state")
-    _export_legacy(scorer_mod, scorer_args, out / SCORER_FILE, SCORER_IO, "scorer")
+    # the legacy exporter refuses index_add over a constant index with repeats
+    # (serving_state's slot map): it gets the plain build_state graph
+    _export_legacy(StateGraph(model).eval(), state_args, out / STATE_FILE, STATE_IO, "state")
+    _export_legacy(ScorerGraph(model).eval(), scorer_args, out / SCORER_FILE, SCORER_IO, "scorer")
     return "legacy"
 
 

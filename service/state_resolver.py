@@ -33,6 +33,11 @@ from .store import Cooldown, SequenceStore, StoreUnavailable
 log = logging.getLogger(__name__)
 
 MIN_PARTIAL_EVENTS: Final = 64  # a partial answer always uses at least this many events
+# Events per read + build job of a cold build: small enough that the first build starts
+# after ~1 ms of reading and that a 100k history spreads over every worker; large
+# enough that the per-call cost of the state graph stays small (measured in
+# docs/performance.md).
+BUILD_PART_EVENTS: Final = 16_384
 
 
 @dataclass(slots=True)
@@ -238,17 +243,15 @@ class StateResolver:
         start = base.n if base is not None else 0
         available = self._remaining_ms(deadline) - slot.estimate_score_ms(m)
         n = self._fit(slot, available, length - start)
-        t = time.perf_counter()
+        info = _Build()
         try:
-            events = await self.store.read_range(user, length - n, length)
+            state = await self._read_and_build(slot, user, base, length - n, length, info)
         except StoreUnavailable:
             self._cooldown.trip()
             return self._fallback(slot, base)
         finally:
-            tm.redis += (time.perf_counter() - t) * 1e3
-        t = time.perf_counter()
-        state = await self.pool.run(_fold_events, slot.runtime, base, events)
-        tm.state += (time.perf_counter() - t) * 1e3
+            tm.redis += info.redis_ms
+            tm.state += info.state_ms
         return state, "partial_state"
 
     async def _build(
@@ -262,19 +265,53 @@ class StateResolver:
         gate: asyncio.Event,
     ) -> UserState:
         await gate.wait()
-        t = time.perf_counter()
-        try:
-            events = await self.store.read_range(user, start, length)
-        finally:
-            info.redis_ms = (time.perf_counter() - t) * 1e3
-        if events.shape[0] >= 1000:
-            per = info.redis_ms / events.shape[0]
+        state = await self._read_and_build(slot, user, base, start, length, info)
+        if info.events >= 1000:
+            per = info.redis_ms / info.events
             self.read_ms_per_record += 0.2 * (per - self.read_ms_per_record)
-        t = time.perf_counter()
-        state = await self.pool.run(_fold_events, slot.runtime, base, events)
-        info.state_ms = (time.perf_counter() - t) * 1e3
-        info.events = int(events.shape[0])
         self._write_back(slot, user, state)
+        return state
+
+    async def _read_and_build(
+        self,
+        slot: ModelSlot,
+        user: str,
+        base: UserState | None,
+        start: int,
+        stop: int,
+        info: _Build,
+    ) -> UserState:
+        """`base` folded with the events [start, stop), read in parts of BUILD_PART_EVENTS.
+
+        Each part's state is built on the pool as soon as the part is read, while the
+        next part is read: the build overlaps the Redis read, and the parts of a long
+        history are built on every worker at once (states are additive, so the parts
+        fold in any split). info.state_ms is the build time not hidden by the read.
+        """
+        t0 = time.perf_counter()
+        rt = slot.runtime
+        jobs: list[asyncio.Future[UserState]] = []
+        try:
+            for lo in range(start, stop, BUILD_PART_EVENTS):
+                t = time.perf_counter()
+                try:
+                    events = await self.store.read_range(
+                        user, lo, min(stop, lo + BUILD_PART_EVENTS)
+                    )
+                finally:
+                    info.redis_ms += (time.perf_counter() - t) * 1e3
+                info.events += int(events.shape[0])
+                jobs.append(asyncio.ensure_future(self.pool.run(rt.build_state, events)))
+            partials = await asyncio.gather(*jobs)
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
+        if base is None and len(partials) == 1:
+            state = partials[0]
+        else:
+            state = await self.pool.run(_fold_all, rt, base, partials)
+        info.state_ms = (time.perf_counter() - t0) * 1e3 - info.redis_ms
         return state
 
     def _write_back(self, slot: ModelSlot, user: str, state: UserState) -> None:
@@ -300,6 +337,13 @@ class StateResolver:
         _, pending = await asyncio.wait(tasks, timeout=timeout_s)
         for task in pending:
             task.cancel()
+
+
+def _fold_all(rt: Runtime, base: UserState | None, partials: list[UserState]) -> UserState:
+    state = base
+    for part in partials:
+        state = part if state is None else rt.fold(state, part)
+    return state if state is not None else rt.empty_state()
 
 
 def _fold_events(rt: Runtime, base: UserState | None, events: np.ndarray) -> UserState:

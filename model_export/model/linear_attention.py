@@ -162,22 +162,39 @@ class LinearCrossAttention(nn.Module):
         """
         b, mc = c.shape[0], c.shape[1]
         q = self.q_proj(c).view(b, mc, self.heads, self.d_key)  # (B, M, H, d)
-        qf = self.phi_q(q)  # (B, M, H, F - cat_slots)
+        qf = self.phi_q(q).transpose(1, 2)  # (B, H, M, F_l) learned features
+        f_l = qf.shape[-1]
+        S_l, z_l = S[:, :, :f_l], z[:, :, :f_l]  # (B, H, F_l, D), (B, H, F_l)
         if self.cat_slots:
-            qf = torch.cat([qf, self.category_slots(cand_cat, keys=False)], dim=-1)  # (B,M,H,F)
+            # A candidate's slot features are one-hot (its category's slot per head), so
+            # its slot term is one row of the state: gathered, never an (M, H, slots) read.
+            slot = self.slot_index(cand_cat).transpose(1, 2)  # (B, H, M)
+            S_hit = torch.gather(
+                S[:, :, f_l:], 2, slot.unsqueeze(-1).expand(-1, -1, -1, S.shape[-1])
+            )  # (B, H, M, D)
+            z_hit = torch.gather(z[:, :, f_l:], 2, slot)  # (B, H, M)
+            known = (cand_cat > 0).unsqueeze(1)  # (B, 1, M): unknown categories match nothing
         if self.phi_q.log_domain:
             # shift by the largest term of phi(q).z itself, so the dominant term is exactly 1
             # however far apart q and the state's scale are; it cancels in the ratio.
-            log_z = torch.log(z.clamp_min(TINY)).unsqueeze(1)  # (B, 1, H, F)
-            shift = (qf + log_z).amax(dim=-1, keepdim=True).detach()  # (B, M, H, 1)
-            qf = torch.exp(qf - shift)
+            log_z = torch.log(z_l.clamp_min(TINY)).unsqueeze(2)  # (B, H, 1, F_l)
+            shift = (qf + log_z).amax(dim=-1).detach()  # (B, H, M)
+            if self.cat_slots:  # log phi_q of the occupied slot is 0: its term is log z
+                log_hit = torch.log(z_hit.clamp_min(TINY))
+                shift = torch.maximum(shift, torch.where(known, log_hit, shift).detach())
+                w_hit = torch.where(known, torch.exp(-shift), torch.zeros_like(shift))
+            qf = torch.exp(qf - shift.unsqueeze(-1))
         else:
-            shift = torch.zeros_like(qf[..., :1])  # (B, M, H, 1)
-        qf = qf.transpose(1, 2)  # (B, H, M, F)
-        num = torch.matmul(qf, S)  # (B, H, M, D)
-        den = torch.matmul(qf, z.unsqueeze(-1))  # (B, H, M, 1)
-        o = (num / (den + self.eps)).transpose(1, 2)  # (B, M, H, D)
-        log_den = torch.log(den.clamp_min(TINY)).squeeze(-1).transpose(1, 2)  # (B, M, H)
+            shift = torch.zeros_like(qf[..., 0])  # (B, H, M)
+            if self.cat_slots:
+                w_hit = known.to(qf.dtype).expand_as(shift)  # phi_q of the occupied slot is 1
+        num = torch.matmul(qf, S_l)  # (B, H, M, D)
+        den = torch.matmul(qf, z_l.unsqueeze(-1)).squeeze(-1)  # (B, H, M)
+        if self.cat_slots:
+            num = num + w_hit.unsqueeze(-1) * S_hit
+            den = den + w_hit * z_hit
+        o = (num / (den.unsqueeze(-1) + self.eps)).transpose(1, 2)  # (B, M, H, D)
+        log_den = torch.log(den.clamp_min(TINY)).transpose(1, 2)  # (B, M, H)
         log_n = torch.log1p(n.to(S.dtype)).view(b, 1, 1)  # (B, 1, 1)
-        mass = log_den + shift.squeeze(-1) + m.unsqueeze(1) - log_n  # (B, M, H)
+        mass = log_den + shift.transpose(1, 2) + m.unsqueeze(1) - log_n  # (B, M, H)
         return o, mass.clamp(-MASS_CLAMP, MASS_CLAMP)

@@ -213,6 +213,31 @@ def test_category_slots_add_an_exact_match_kernel(fm: str) -> None:
     assert int((k[0] > 1e-6).sum()) == 2  # one slot per head
 
 
+def _dense_read(attn: torch.nn.Module, S, z, c, cats):  # type: ignore[no-untyped-def]
+    """The readout by definition: every slot of phi(q) materialised, phi(q).S in full."""
+    b, mc = c.shape[:2]
+    q = attn.phi_q(attn.q_proj(c).view(b, mc, attn.heads, attn.d_key))
+    qf = torch.cat([q, attn.category_slots(cats, keys=False)], dim=-1)  # (B, M, H, F)
+    if attn.phi_q.log_domain:
+        qf = torch.exp(qf - (qf + torch.log(z.clamp_min(1e-30)).unsqueeze(1)).amax(-1, True))
+    qf = qf.transpose(1, 2)  # (B, H, M, F)
+    num, den = qf @ S, qf @ z.unsqueeze(-1)
+    return (num / (den + attn.eps)).transpose(1, 2)  # (B, M, H, D)
+
+
+@pytest.mark.parametrize("fm", FEATURE_MAPS)
+def test_gathered_slot_read_equals_the_dense_one_hot_read(fm: str) -> None:
+    model = _model(fm, DECAYS["decay"], cat_slots=5)
+    ev = random_events(300, model.cfg, seed=9)
+    cats = torch.tensor([[0, 1, 3, 3, 4, 6, 10, 2]])  # unknown, a repeat, slot collisions
+    with torch.no_grad():
+        S, z, m, _ = model.build_state(*ev)
+        c = model.embed.candidates(torch.arange(cats.shape[1])[None], cats)
+        got, _ = model.attn.read(S[None], z[None], m[None], torch.tensor([300]), c, cats)
+        want = _dense_read(model.attn, S[None], z[None], c, cats)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_decay_buffer_follows_config() -> None:
     cfg = ModelConfig(heads=2, decay_per_day=(0.0, 86_400.0))
     model = build_model(cfg)
