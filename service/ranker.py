@@ -154,7 +154,12 @@ class Ranker:
 
         t = time.perf_counter()
         k = items.shape[0] if top_k is None else min(int(top_k), items.shape[0])
-        order, probs = await self.pool.run(_score_and_order, slot.runtime, state, items, k)
+        if slot.estimate_score_ms(items.shape[0]) <= self.settings.inline_score_ms:
+            # Sub-millisecond work: the two thread hops to the pool and back would cost
+            # a fifth of it, and more under GIL contention (docs/performance.md).
+            order, probs = _score_and_order(slot.runtime, state, items, k)
+        else:
+            order, probs = await self.pool.run(_score_and_order, slot.runtime, state, items, k)
         tm.score = (time.perf_counter() - t) * 1e3
         self.metrics.stage_duration.labels("score").observe(tm.score / 1e3)
         self.metrics.stage_duration.labels("redis").observe(tm.redis / 1e3)

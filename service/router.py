@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from ifa_common.manifest import ArtifactError, ArtifactMissing
 
-from .deps import AdminDep, MetricsDep, RankerDep, SettingsDep
+from .deps import AdminDep, MetricsDep, RankerDep, SettingsDep, get_ranker
 from .ranker import ModelNotReady, Overloaded
 from .schemas import (
     ErrorBody,
@@ -22,13 +22,22 @@ from .schemas import (
     RankResponse,
     ReloadRequest,
 )
+from .settings import Settings
 from .store import IdempotencyConflict, StoreUnavailable
-from .web import JSONResponse, error_response, json_bytes, validation_error
+from .web import JSONResponse, error_response, json_bytes, parse_body, validation_error
 
 ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     413: {"model": ErrorBody, "description": "body larger than IFA_MAX_BODY_BYTES"},
     422: {"model": ErrorBody, "description": "validation error; `error` names the field"},
     503: {"model": ErrorBody, "description": "overloaded or not ready; see Retry-After"},
+}
+
+# /rank parses its body itself; this documents it in the OpenAPI spec
+RANK_BODY_DOC: Final[dict[str, Any]] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": RankRequest.model_json_schema()}},
+    }
 }
 
 router = APIRouter()
@@ -43,14 +52,15 @@ def _unavailable(detail: str, retry_after_s: int) -> JSONResponse:
     response_model=RankResponse,
     responses=ERRORS,
     summary="Score a candidate set for a user, best first",
+    openapi_extra=RANK_BODY_DOC,
 )
-async def rank(
-    body: RankRequest,
-    request: Request,
-    ranker: RankerDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-) -> Response:
+async def rank(request: Request) -> Response:
+    # The hot path reads the body itself (one pydantic-core pass, see parse_body) and
+    # takes its objects from app.state: no dependency resolution per request.
+    state = request.app.state
+    ranker = await get_ranker(request)
+    settings: Settings = state.settings
+    body = parse_body(RankRequest, await request.body())
     if len(body.candidates) > settings.max_candidates:
         raise validation_error(
             "candidates", f"at most {settings.max_candidates} candidates", "too_long"
@@ -63,7 +73,7 @@ async def rank(
         return _unavailable(str(e), e.retry_after_s)
     t = time.perf_counter()
     payload = orjson.dumps(result.to_dict())
-    metrics.stage_duration.labels("serialize").observe(time.perf_counter() - t)
+    state.metrics.stage_duration.labels("serialize").observe(time.perf_counter() - t)
     request.state.degraded = result.degraded
     return json_bytes(payload)
 

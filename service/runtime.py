@@ -206,10 +206,9 @@ class ModelRuntime:
         items = np.asarray(items, dtype=np.int64)
         if items.ndim != 1:
             raise ValueError(f"items must be 1-D, got shape {items.shape}")
-        cats = self.lookup_categories(items)
         return (
             hashing.item_bucket(items, self._item_buckets),
-            hashing.category_bucket(cats, self._category_buckets),
+            self._items.category_buckets(items, self._category_buckets),
         )
 
     def score(self, state: UserState, items: np.ndarray) -> np.ndarray:
@@ -351,9 +350,25 @@ class ItemTable:
     def __init__(self, ids: np.ndarray, categories: np.ndarray) -> None:
         self.ids, self.categories = ids, categories  # ids sorted ascending
         self.dense: np.ndarray | None = None
+        self._bucket_tables: dict[int, np.ndarray] = {}
         if ids.size and ids[0] >= 0 and ids[-1] < min(self.MAX_DENSE, 8 * ids.size + 1024):
             self.dense = np.full(int(ids[-1]) + 1, -1, np.int64)
             self.dense[ids] = categories
+
+    def category_buckets(self, items: np.ndarray, buckets: int) -> np.ndarray:
+        """Raw item ids -> category bucket (0 where unknown): `category_bucket(lookup(.))`,
+        with one clip and one take for dense ids (the per-request path: a few us for 500
+        candidates instead of ~100 us of masks and modulos)."""
+        if self.dense is None:
+            return hashing.category_bucket(self.lookup(items), buckets)
+        table = self._bucket_tables.get(buckets)
+        if table is None:
+            # the dense table's buckets, then one sentinel (unknown) that every id outside
+            # [0, len) is clipped onto: negative ids to -1, large ids to len
+            table = np.append(hashing.category_bucket(self.dense, buckets), 0)
+            self._bucket_tables[buckets] = table
+        idx = np.clip(np.asarray(items, dtype=np.int64), -1, table.size - 1)
+        return table.take(idx)
 
     def lookup(self, items: np.ndarray) -> np.ndarray:
         items = np.asarray(items, dtype=np.int64)

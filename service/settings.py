@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         default=1, ge=1, le=256, description="ORT intra-op threads per session"
     )
     infer_workers: int = Field(default=2, ge=1, le=256, description="inference executor threads")
+    inline_score_ms: float = Field(
+        default=2.0,
+        ge=0,
+        le=1_000,
+        description="score on the event loop (no thread hop) when its estimate is below this",
+    )
     warmup_candidates: Annotated[tuple[int, ...], NoDecode] = Field(
         default=(1, 100, 500, 1000, 2000),
         description="candidate counts run once at load (capped at IFA_MAX_CANDIDATES)",

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ifa_common import hashing
 from ifa_common.manifest import (
     ArtifactHashMismatch,
     ArtifactMissing,
@@ -87,7 +88,6 @@ def _torch_forward(
     rt: ModelRuntime, model: Any, events: np.ndarray, items: np.ndarray
 ) -> np.ndarray:
     """The PyTorch model's forward on the whole sequence (one request after it)."""
-    from ifa_common import hashing
 
     d = rt.manifest["dims"]
     known = dict(zip(ITEMS.tolist(), CATS.tolist(), strict=True))
@@ -192,6 +192,11 @@ def test_item_table_lookup(sparse: bool) -> None:
     want = [known.get(int(q), -1) for q in queries]
     np.testing.assert_array_equal(table.lookup(queries), want)
     assert ItemTable(np.zeros(0, np.int64), np.zeros(0, np.int64)).lookup(queries).max() == -1
+    edges = np.array([-1, -(2**63), int(ids[-1]), int(ids[-1]) + 1, int(ids[0])])
+    for q in (queries, edges):  # the per-request fast path is the definition, bucketed
+        for buckets in (7, 1024):
+            want_b = hashing.category_bucket(table.lookup(q), buckets)
+            np.testing.assert_array_equal(table.category_buckets(q, buckets), want_b)
 
 
 def test_score_batch_equals_per_user(rt: ModelRuntime) -> None:
