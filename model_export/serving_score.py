@@ -61,7 +61,8 @@ class ServingScorerGraph(nn.Module):
             self.register_buffer("expand_key", eye.repeat_interleave(self.d_key, dim=1))
             self.register_buffer("expand_value", eye.repeat_interleave(self.d_head, dim=1))
             if self.slots:
-                self.register_buffer("slot_stride", attn.slot_stride.detach().clone())
+                stride: torch.Tensor = attn.slot_stride  # type: ignore[assignment]  # buffer
+                self.register_buffer("slot_stride", stride.detach().clone())
         self.token = model.head.token  # Linear + LayerNorm on (B*M, 3C [+ mass])
         self.mlp = model.head.mlp
 
