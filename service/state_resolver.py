@@ -14,6 +14,7 @@ Redis down     the cached state: "stale_state"; none: an empty one, "no_history"
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,11 +34,9 @@ from .store import Cooldown, SequenceStore, StoreUnavailable
 log = logging.getLogger(__name__)
 
 MIN_PARTIAL_EVENTS: Final = 64  # a partial answer always uses at least this many events
-# Events per read + build job of a cold build: small enough that the first build starts
-# after ~1 ms of reading and that a 100k history spreads over every worker; large
-# enough that the per-call cost of the state graph stays small (measured in
-# docs/performance.md).
-BUILD_PART_EVENTS: Final = 16_384
+# A build is split over the pool's workers when every part gets at least this many
+# events (below, one job: the split's overhead would outweigh the parallel part).
+MIN_PARALLEL_PART: Final = 8_192
 
 
 @dataclass(slots=True)
@@ -281,37 +280,32 @@ class StateResolver:
         stop: int,
         info: _Build,
     ) -> UserState:
-        """`base` folded with the events [start, stop), read in parts of BUILD_PART_EVENTS.
-
-        Each part's state is built on the pool as soon as the part is read, while the
-        next part is read: the build overlaps the Redis read, and the parts of a long
-        history are built on every worker at once (states are additive, so the parts
-        fold in any split). info.state_ms is the build time not hidden by the read.
-        """
-        t0 = time.perf_counter()
-        rt = slot.runtime
-        jobs: list[asyncio.Future[UserState]] = []
+        """`base` folded with the events [start, stop): one pipelined read, then the
+        events split over every pool worker (states are additive, so the parts fold
+        exactly). Measured on 2 cores for 100k events: 25 ms, against 44 ms in one job
+        and 30 ms when each part is built while the next is read (the reads then wait
+        for the GIL; docs/performance.md)."""
+        t = time.perf_counter()
         try:
-            for lo in range(start, stop, BUILD_PART_EVENTS):
-                t = time.perf_counter()
-                try:
-                    events = await self.store.read_range(
-                        user, lo, min(stop, lo + BUILD_PART_EVENTS)
-                    )
-                finally:
-                    info.redis_ms += (time.perf_counter() - t) * 1e3
-                info.events += int(events.shape[0])
-                jobs.append(asyncio.ensure_future(self.pool.run(rt.build_state, events)))
-            partials = await asyncio.gather(*jobs)
-        except BaseException:
-            for job in jobs:
-                job.cancel()
-            raise
+            events = await self.store.read_range(user, start, stop)
+        finally:
+            info.redis_ms += (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        n = int(events.shape[0])
+        info.events += n
+        parts = max(1, min(self.pool.workers, n // MIN_PARALLEL_PART))
+        bounds = [n * i // parts for i in range(parts + 1)]
+        partials = await asyncio.gather(
+            *(
+                self.pool.run(slot.runtime.build_state, events[lo:hi])
+                for lo, hi in itertools.pairwise(bounds)
+            )
+        )
         if base is None and len(partials) == 1:
             state = partials[0]
         else:
-            state = await self.pool.run(_fold_all, rt, base, partials)
-        info.state_ms = (time.perf_counter() - t0) * 1e3 - info.redis_ms
+            state = await self.pool.run(_fold_all, slot.runtime, base, list(partials))
+        info.state_ms += (time.perf_counter() - t) * 1e3
         return state
 
     def _write_back(self, slot: ModelSlot, user: str, state: UserState) -> None:

@@ -7,12 +7,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from fastapi.testclient import TestClient
-from svc_helpers import make_settings, metric_value, random_events, user
+from svc_helpers import make_settings, metric_value, random_events, seed_sequence, user
 
-from ifa_common.records import make_events
+from ifa_common.records import make_events, unpack
 from service.app import create_app
 from service.runtime import ModelRuntime
+from service.state_resolver import MIN_PARALLEL_PART
+from service.store import seq_key
 
 CANDIDATES = [3, 17, 42, 42, 99, 1000, 7, 0, 123456789, 2**62]
 
@@ -79,6 +82,23 @@ def test_user_without_history_gets_finite_scores(client: TestClient) -> None:
     assert resp["degraded"] is None
     assert all(np.isfinite(it["score"]) for it in resp["items"])
     assert resp["request_id"]  # generated when absent
+
+
+def test_long_history_built_over_every_worker_equals_one_build(
+    client: TestClient, redis_url: str, tiny_artifacts: Path
+) -> None:
+    n = 3 * MIN_PARALLEL_PART + 11  # split over both workers, unevenly
+    u = user("long")
+    seed_sequence(redis_url, u, n, seed=4)
+    resp = rank(client, u)
+    assert resp["degraded"] is None and resp["timings_ms"]["state"] > 0
+    with redis.Redis.from_url(redis_url) as r:
+        events = unpack(r.get(seq_key(u)) or b"")
+    assert events.shape == (n,)
+    rt = ModelRuntime.load(tiny_artifacts, "v1")
+    logits = rt.score(rt.build_state(events), np.array(CANDIDATES, np.int64)).astype(np.float64)
+    want = sorted(zip(CANDIDATES, (1 / (1 + np.exp(-logits))).tolist(), strict=True))
+    np.testing.assert_allclose([s for _, s in by_item(resp)], [s for _, s in want], atol=1e-5)
 
 
 def test_incremental_equals_fresh_across_users_and_restarts(
