@@ -149,18 +149,11 @@ class Ranker:
     ) -> RankResult:
         tm = Timings()
         items = np.asarray(candidates, dtype=np.int64)
-        self.metrics.candidates.observe(items.shape[0])
-        state, degraded = await self.states.resolve(slot, user_id, deadline, items.shape[0], tm)
-
-        t = time.perf_counter()
-        k = items.shape[0] if top_k is None else min(int(top_k), items.shape[0])
-        if slot.estimate_score_ms(items.shape[0]) <= self.settings.inline_score_ms:
-            # Sub-millisecond work: the two thread hops to the pool and back would cost
-            # a fifth of it, and more under GIL contention (docs/performance.md).
-            order, probs = _score_and_order(slot.runtime, state, items, k)
-        else:
-            order, probs = await self.pool.run(_score_and_order, slot.runtime, state, items, k)
-        tm.score = (time.perf_counter() - t) * 1e3
+        m = items.shape[0]
+        self.metrics.candidates.observe(m)
+        k = m if top_k is None else min(int(top_k), m)
+        state, degraded = await self.states.resolve(slot, user_id, deadline, m, tm)
+        order, probs = await self._score(slot, state, items, k, tm)
         self.metrics.stage_duration.labels("score").observe(tm.score / 1e3)
         self.metrics.stage_duration.labels("redis").observe(tm.redis / 1e3)
         self.metrics.stage_duration.labels("state").observe(tm.state / 1e3)
@@ -176,6 +169,19 @@ class Ranker:
             degraded=degraded,
             timings=tm,
         )
+
+    async def _score(
+        self, slot: ModelSlot, state: UserState, items: np.ndarray, k: int, tm: Timings
+    ) -> tuple[np.ndarray, np.ndarray]:
+        t = time.perf_counter()
+        if slot.estimate_score_ms(items.shape[0]) <= self.settings.inline_score_ms:
+            # Sub-millisecond work: the two thread hops to the pool and back would cost
+            # a fifth of it, and more under GIL contention (docs/performance.md).
+            out = _score_and_order(slot.runtime, state, items, k)
+        else:
+            out = await self.pool.run(_score_and_order, slot.runtime, state, items, k)
+        tm.score += (time.perf_counter() - t) * 1e3
+        return out
 
     # ------------------------------------------------------------------ state ladder
     async def drain(self, timeout_s: float) -> None:
