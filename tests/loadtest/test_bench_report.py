@@ -45,6 +45,7 @@ def test_derive_computes_overhead_and_every_target() -> None:
             "load": {
                 "healthz_c1": _load(0.3, 0.6, 2500),
                 "rank_warm_c1": _load(1.5, 4.0, 600),
+                "rank_warm_c2": _load(2.5, 11.0, 700),
                 "healthz_c8": _load(1.0, 3.0, 6000),
                 "rank_warm_c8": _load(6.0, 12.0, 900),
             },
@@ -55,7 +56,9 @@ def test_derive_computes_overhead_and_every_target() -> None:
     assert d["overhead_ratio"] == pytest.approx(1.5 / (0.3 + 0.8))
     by_name = {t["name"]: t for t in d["targets"]}
     assert by_name["warm /rank p50 ms (N=100k, M=500, c=1)"]["ok"] is True
-    assert by_name["warm /rank p99 ms (N=100k, M=500, c=8)"]["ok"] is False
+    assert by_name["warm /rank p50 ms (c=2)"]["ok"] is True
+    assert by_name["warm /rank p99 ms (c=2)"]["ok"] is False
+    assert by_name["warm /rank req/s (c=8, saturated)"]["ok"] is True
     assert by_name["cold build ms, N=100k (server: redis + state)"]["value"] == 25.0
     assert by_name["softmax_full / ifa warm (N=100k, M=500)"]["ok"] is True
     assert all({"name", "value", "target", "ok"} <= set(t) for t in d["targets"])
@@ -123,7 +126,8 @@ def test_tiny_end_to_end_bench_writes_the_contracted_report(
     assert http["model"]["version"] == "v1"
     assert http["settings_env"]["IFA_INFER_THREADS"] == "1"
     assert http["load_generator"]["chosen"] == "pyclient"
-    for key in ("healthz_c1", "rank_warm_c1", "healthz_c8", "rank_warm_c8"):
+    assert "healthz_c2" not in http["load"]
+    for key in ("healthz_c1", "rank_warm_c1", "rank_warm_c2", "healthz_c8", "rank_warm_c8"):
         s = http["load"][key]
         assert s["requests"] > 0 and s["errors"] == 0, key
         assert s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"], key

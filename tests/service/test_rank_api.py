@@ -61,6 +61,18 @@ def test_rank_equals_the_runtime_run_directly(client: TestClient, tiny_artifacts
     np.testing.assert_allclose([g[1] for g in got], [e[1] for e in expected], atol=1e-6)
 
 
+def test_inline_scoring_answers_the_same(redis_url: str, tiny_artifacts: Path) -> None:
+    u, evs = user(), random_events(25, seed=8)
+    answers = []
+    for inline_ms in (0.0, 1_000.0):  # off the loop (default), then always inline
+        settings = make_settings(redis_url, tiny_artifacts, inline_score_ms=inline_ms)
+        with TestClient(create_app(settings)) as c:
+            if not answers:
+                assert c.post("/events", json={"user_id": u, "events": evs}).status_code == 200
+            answers.append(rank(c, u))
+    assert by_item(answers[0]) == by_item(answers[1])
+
+
 def test_same_input_same_output_ordering_top_k_duplicates(client: TestClient) -> None:
     u = user()
     client.post("/events", json={"user_id": u, "events": random_events(25, seed=1)})
