@@ -336,6 +336,8 @@ def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> d
         result["load"] = {k: median_summary(v) for k, v in series.items()}
         result["rss_mib_after_load"] = proc_rss_mib(svc.pid)
 
+        # The load phase can outlast the server's keep-alive: reconnect on the next request.
+        conn.close()
         # Cold: never-seen users whose sequence is a server-side copy of a 100k template.
         cands = sets[0]
         tag = uuid.uuid4().hex[:8]

@@ -61,11 +61,11 @@ class Settings(BaseSettings):
     )
     infer_workers: int = Field(default=2, ge=1, le=256, description="inference executor threads")
     inline_score_ms: float = Field(
-        default=0.0,
+        default=2.0,
         ge=0,
         le=1_000,
-        description="score on the event loop (no thread hop) when its estimate is at most "
-        "this; 0 = always on the inference pool (DESIGN section 6)",
+        description="score on the event loop (no thread hops) when its estimate is under "
+        "this; 0 = always on the inference pool",
     )
     warmup_candidates: Annotated[tuple[int, ...], NoDecode] = Field(
         default=(1, 100, 500, 1000, 2000),
