@@ -159,16 +159,21 @@ def markdown(rep: dict[str, Any]) -> str:
                 f"(/healthz p50 {_fmt(ot['healthz_p50'])} ms + in-process score(M=500) "
                 f"{_fmt(ot['inprocess_score_m500'])} ms) = **{_fmt(derived['overhead_ratio'])}**",
             ]
-            if "server_ranker_total" in ot:
-                lines += [
-                    "",
-                    "Where a warm /rank's time goes (server stage medians of the sequential "
-                    f"warm requests): Redis round trip {_fmt(ot['server_redis'])} ms, scorer "
-                    f"inside the server {_fmt(ot['server_score'])} ms, ranker total "
-                    f"{_fmt(ot['server_ranker_total'])} ms; the rest of the p50 beyond "
-                    f"/healthz (body, JSON in and out, routing) "
-                    f"{_fmt(ot['http_json_framework'])} ms.",
-                ]
+        split = derived.get("time_split_ms")
+        if split:
+            stages = ", ".join(
+                f"{k.removeprefix('stage_')} {_fmt(v)}"
+                for k, v in split.items()
+                if k.startswith("stage_")
+            )
+            lines += [
+                "",
+                f"Where a warm /rank's time goes (means over the c=1 runs; the service's own "
+                f"histograms): client {_fmt(split['client_mean'])} ms = /healthz "
+                f"{_fmt(split['healthz_mean'])} ms + inside the app {_fmt(split['app_mean'])} ms "
+                f"(stages: {stages}) + body transfer and HTTP parsing beyond /healthz's "
+                f"{_fmt(split['outside_app_beyond_healthz'])} ms.",
+            ]
         lines += [
             "",
             f"Server RSS: {_fmt(http.get('rss_mib_before_load'), 1)} MiB before load, "
