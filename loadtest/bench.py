@@ -167,6 +167,30 @@ class Loader:
         return out
 
 
+def inprocess_scorer(artifacts: str, m: int, items: int) -> Callable[[], float]:
+    """A closure timing the served artifact's scorer in this process (median ms of 50
+    calls at M = m): the overhead ratio's denominator, taken between the HTTP runs so
+    that it sees the machine in the same state as they do."""
+    from loadtest.microbench import _events
+    from service.runtime import ModelRuntime
+
+    rt = ModelRuntime.load(artifacts, None, intra_op_threads=1, prefer_cuda=False)
+    state = rt.build_state(_events(1_000))
+    cands = np.random.default_rng(3).integers(0, items, m)
+
+    def measure() -> float:
+        for _ in range(5):
+            rt.score(state, cands)
+        times = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            rt.score(state, cands)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return float(statistics.median(times))
+
+    return measure
+
+
 def stage_sums(base_url: str) -> dict[str, tuple[float, float]]:
     """(sum seconds, count) of the service's /rank histograms: the whole request as the
     app sees it (`app`) and each stage, read from its own /metrics."""
@@ -205,7 +229,13 @@ def stage_means(
 def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median of each figure over repeated runs; the runs themselves are kept."""
     out: dict[str, Any] = {"runs": runs, "repeats": len(runs)}
-    for key in (*FIGURES, "server_cpu_ms_per_req", "server_cpu_cores", "client_cpu_us_per_req"):
+    for key in (
+        *FIGURES,
+        "server_cpu_ms_per_req",
+        "server_cpu_cores",
+        "client_cpu_us_per_req",
+        "inprocess_score_ms",
+    ):
         values = [r[key] for r in runs if key in r and r[key] == r[key]]
         if values:
             out[key] = float(statistics.median(values))
@@ -349,6 +379,7 @@ def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> d
         result["warm_single"] = summarise_samples(warm_samples)
         result["rss_mib_before_load"] = proc_rss_mib(svc.pid)
 
+        scorer = inprocess_scorer(artifacts, plan.m, plan.items)
         ceilings = measure_ceilings(svc, plan, choice)
         result["load_generator"] = ceilings
         loader = Loader(ceilings["chosen"], svc)
@@ -364,7 +395,10 @@ def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> d
                 for name, method, path, bs in runs:
                     key = f"{name}_c{c}"
                     before = stage_sums(svc.base_url) if name == "rank_warm" else None
+                    scorer_ms = scorer() if name == "rank_warm" and c == 1 else None
                     r = loader.run(method, path, bs, c, plan)
+                    if scorer_ms is not None:
+                        r["inprocess_score_ms"] = scorer_ms
                     if before is not None:
                         r["server_stage_mean_ms"] = stage_means(before, stage_sums(svc.base_url))
                     series.setdefault(key, []).append(r)
@@ -446,7 +480,8 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
     ip = inprocess_figures(report.get("inprocess") or {})
     http = report.get("http") or {}
     load = http.get("load") or {}
-    score_ms = ip.get("score_ms_500")
+    # the scorer timed between the c=1 runs; the in-process part's figure otherwise
+    score_ms = _get(load, "rank_warm_c1", "inprocess_score_ms") or ip.get("score_ms_500")
     derived: dict[str, Any] = {"inprocess": ip}
     hz = _get(load, "healthz_c1", "p50_ms")
     rank = _get(load, "rank_warm_c1", "p50_ms")

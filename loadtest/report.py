@@ -156,7 +156,8 @@ def markdown(rep: dict[str, Any]) -> str:
             lines += [
                 "",
                 f"Overhead ratio = warm /rank p50 {_fmt(ot['rank_warm_p50'])} ms / "
-                f"(/healthz p50 {_fmt(ot['healthz_p50'])} ms + in-process score(M=500) "
+                f"(/healthz p50 {_fmt(ot['healthz_p50'])} ms + in-process score(M=500), "
+                "timed in the bench process between the c=1 runs, "
                 f"{_fmt(ot['inprocess_score_m500'])} ms) = **{_fmt(derived['overhead_ratio'])}**",
             ]
         split = derived.get("time_split_ms")

@@ -46,21 +46,21 @@ class ServingStateGraph(nn.Module):
     decay: torch.Tensor
     head_eye: torch.Tensor
     slot_strength: torch.Tensor
-    slot_of_row: torch.Tensor
-    known_row: torch.Tensor
+    slot_of_cat: torch.Tensor
+    head_of_cat: torch.Tensor
     m_fixed: torch.Tensor
 
     def __init__(self, model: IFAModel) -> None:
         super().__init__()
         cfg, attn, emb = model.cfg, model.attn, model.embed
-        self.heads, self.d_key, self.d_head = cfg.heads, attn.d_key, cfg.d_head
+        h, dv = cfg.heads, cfg.d_head
+        self.heads, self.d_key, self.d_head = h, attn.d_key, dv
         self.actions, self.cat_buckets = cfg.action_buckets, cfg.category_buckets
         self.slots = cfg.cat_slots
         cap = getattr(attn.phi_k, "cap", None)
         self.cap = float(cap) if cap is not None else None
         self.decaying = bool((attn.decay != 0).any())
         self.fixed_shift = self.cap is not None and self.cap <= MAX_FIXED_SHIFT_CAP
-        hd = cfg.heads * cfg.d_head
         with torch.no_grad():
             cat_action = emb.category.weight[:, None, :] + emb.action.weight[None, :, :]
             self.register_buffer("item_table", emb.item.weight.detach().clone())
@@ -69,29 +69,29 @@ class ServingStateGraph(nn.Module):
             scale = 1.0 / self.cap if self.cap is not None else 1.0
             self.register_buffer("w_k", (attn.k_proj.weight.t() * scale).contiguous())
             self.register_buffer("b_k", attn.k_proj.bias.detach() * scale)
-            # V with a constant 1 column appended: [v | 1] straight out of the GEMM
-            w_vz = torch.cat([attn.v_proj.weight.t(), torch.zeros(cfg.d_model, 1)], dim=1)
-            self.register_buffer("w_vz", w_vz.contiguous())
-            self.register_buffer("b_vz", torch.cat([attn.v_proj.bias.detach(), torch.ones(1)]))
+            # V with a constant 1 after each head's D columns: [v_h | 1] for every head
+            # straight out of the GEMM, so one sum gives a head's S rows and z together
+            w_v = attn.v_proj.weight.t().reshape(cfg.d_model, h, dv)
+            w_vz = torch.cat([w_v, torch.zeros(cfg.d_model, h, 1)], dim=2)
+            b_vz = torch.cat([attn.v_proj.bias.detach().view(h, dv), torch.ones(h, 1)], dim=1)
+            self.register_buffer("w_vz", w_vz.reshape(cfg.d_model, h * (dv + 1)).contiguous())
+            self.register_buffer("b_vz", b_vz.reshape(-1).clone())
             self.register_buffer("decay", attn.decay.detach().clone())
-            self.register_buffer("head_eye", torch.eye(cfg.heads).view(cfg.heads, 1, cfg.heads, 1))
+            self.register_buffer("head_eye", torch.eye(h).view(h, 1, h, 1))
             if self.slots:
                 self.register_buffer("slot_strength", attn.slot_strength.detach().clone())
-                # row h * cat_buckets + c of the per-(head, category) sums -> row
-                # h * slots + slot_h(c) of the slot sums
-                cats = torch.arange(cfg.category_buckets)
-                slot = attn.slot_index(cats).t()  # (H, cat_buckets)
-                heads = torch.arange(cfg.heads).view(-1, 1)
-                self.register_buffer("slot_of_row", (heads * self.slots + slot).reshape(-1))
-                known = torch.ones(cfg.category_buckets, 1)
-                known[0] = 0.0  # bucket 0 (unknown category) occupies no slot
-                self.register_buffer("known_row", known)
+                # category bucket c, head h -> (slot_h(c), h) of the (slots + 1, H) slot
+                # sums; bucket 0 (unknown category) goes to the spare last slot, dropped
+                slot = attn.slot_index(torch.arange(cfg.category_buckets))  # (cat_buckets, H)
+                slot[0] = self.slots
+                self.register_buffer("slot_of_cat", slot.clone())
+                heads = torch.arange(h).view(1, h).expand(cfg.category_buckets, h)
+                self.register_buffer("head_of_cat", heads.clone())
             if self.fixed_shift:
-                bound = torch.full((cfg.heads,), float(self.cap or 0.0))
+                bound = torch.full((h,), float(self.cap or 0.0))
                 if self.slots:
                     bound = torch.maximum(bound, attn.slot_strength.detach())
                 self.register_buffer("m_fixed", bound)
-        assert self.b_vz.shape == (hd + 1,)
 
     def forward(
         self, item: torch.Tensor, category: torch.Tensor, action: torch.Tensor, ts: torch.Tensor
@@ -102,7 +102,7 @@ class ServingStateGraph(nn.Module):
         )  # (N, C)
         k = torch.addmm(self.b_k, e, self.w_k)  # (N, H*d)
         lw = self.cap * torch.tanh(k) if self.cap is not None else k  # log phi (exp map)
-        vz = torch.addmm(self.b_vz, e, self.w_vz)  # (N, H*D + 1): [v | 1]
+        vz = torch.addmm(self.b_vz, e, self.w_vz)  # (N, H*(D+1)): [v_h | 1] per head
         t_ref = torch.cat([ts, ts.new_zeros(1)]).amax(dim=0)  # () long; 0 when empty
         empty = torch.full((1, h), EMPTY_LOG_SCALE, dtype=lw.dtype)
         if self.decaying:
@@ -128,32 +128,26 @@ class ServingStateGraph(nn.Module):
             elif self.slots:
                 m = torch.maximum(m, torch.where(any_known, self.slot_strength, empty[0]))
             kw = torch.exp(lw - m.view(h, 1).expand(h, dk).reshape(1, h * dk))  # <= 1
-        full = torch.mm(kw.t(), vz)  # (H*d, H*D + 1): every head against every head
-        S = (full[:, : h * dv].reshape(h, dk, h, dv) * self.head_eye).sum(dim=2)  # (H, d, D)
-        z = full[:, h * dv].reshape(h, dk)  # (H, d)
+        full = torch.mm(kw.t(), vz)  # (H*d, H*(D+1)): every head against every head
+        Sz = (full.reshape(h, dk, h, dv + 1) * self.head_eye).sum(dim=2)  # (H, d, D+1)
         if self.fixed_shift:
-            scale = torch.exp(-m)
-            S, z = S * scale.view(h, 1, 1), z * scale.view(h, 1)
+            Sz = Sz * torch.exp(-m).view(h, 1, 1)
+        S, z = Sz[:, :, :dv], Sz[:, :, dv]
         if self.slots:
-            if self.decaying:
+            if self.decaying:  # each event's own slot weight
                 ws = torch.exp(lws - m.view(1, h))  # (N, H), 0 where no slot
-                v = vz[:, : h * dv].reshape(n, h, dv)
-                vals = torch.cat([(v * ws.unsqueeze(2)).reshape(n, h * dv), ws], dim=1)
-                per_cat = torch.zeros(self.cat_buckets, h * (dv + 1), dtype=kw.dtype)
-                per_cat = per_cat.index_add(0, category, vals)  # (cat_buckets, H*D + H)
-                count = per_cat[:, h * dv :].reshape(self.cat_buckets, h, 1)
-            else:  # sum [v | 1] per category, then scale each head by its slot weight
-                per_cat = torch.zeros(self.cat_buckets, h * dv + 1, dtype=kw.dtype)
-                per_cat = per_cat.index_add(0, category, vz) * self.known_row
-                count = per_cat[:, h * dv :].reshape(self.cat_buckets, 1, 1).expand(-1, h, 1)
-            rows = torch.cat([per_cat[:, : h * dv].reshape(self.cat_buckets, h, dv), count], 2)
-            if not self.decaying:
+                vz = (vz.view(n, h, dv + 1) * ws.unsqueeze(2)).reshape(n, h * (dv + 1))
+            # per category bucket first (N rows), then per slot (cat_buckets x H rows)
+            per_cat = torch.zeros(self.cat_buckets, h * (dv + 1), dtype=kw.dtype)
+            per_cat = per_cat.index_add(0, category, vz).view(self.cat_buckets, h, dv + 1)
+            slot_sums = torch.zeros(self.slots + 1, h, dv + 1, dtype=kw.dtype)
+            slot_sums = slot_sums.index_put(
+                (self.slot_of_cat, self.head_of_cat), per_cat, accumulate=True
+            )[: self.slots].transpose(0, 1)  # (H, slots, D+1)
+            if not self.decaying:  # the slot weight of every event: strength_h, scaled
                 on = torch.exp(self.slot_strength - m)
                 weight = torch.where(any_known, on, torch.zeros_like(m))
-                rows = rows * weight.view(1, h, 1)  # (cat_buckets, H, D + 1)
-            rows = rows.transpose(0, 1).reshape(h * self.cat_buckets, dv + 1)
-            slot_sums = torch.zeros(h * self.slots, dv + 1, dtype=kw.dtype)
-            slot_sums = slot_sums.index_add(0, self.slot_of_row, rows).view(h, self.slots, dv + 1)
+                slot_sums = slot_sums * weight.view(h, 1, 1)
             S = torch.cat([S, slot_sums[:, :, :dv]], dim=1)  # (H, F, D)
             z = torch.cat([z, slot_sums[:, :, dv]], dim=1)  # (H, F)
         if self.fixed_shift:  # the empty state keeps its own log-scale
