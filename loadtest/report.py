@@ -170,10 +170,11 @@ def markdown(rep: dict[str, Any]) -> str:
             lines += [
                 "",
                 f"Where a warm /rank's time goes (means over the c=1 runs; the service's own "
-                f"histograms): client {_fmt(split['client_mean'])} ms = /healthz "
-                f"{_fmt(split['healthz_mean'])} ms + inside the app {_fmt(split['app_mean'])} ms "
-                f"(stages: {stages}) + body transfer and HTTP parsing beyond /healthz's "
-                f"{_fmt(split['outside_app_beyond_healthz'])} ms.",
+                f"histograms): client {_fmt(split['client_mean'])} ms = inside the app "
+                f"{_fmt(split['app_mean'])} ms ({stages}, other {_fmt(split['app_other'])}: "
+                f"body read and validation, routing, ranker) + outside it "
+                f"{_fmt(split['outside_app'])} ms (HTTP on loopback; a whole /healthz takes "
+                f"{_fmt(split['healthz_mean'])} ms).",
             ]
         lines += [
             "",
