@@ -9,9 +9,9 @@ readable `<out>/bench.md` and PNG plots. Two parts:
 2. HTTP on loopback against a real service process (uvicorn, uvloop, httptools) with its
    own throwaway redis-server, seeded with users of N = 100,000 events: warm /rank at
    M = 500 under closed-loop load at concurrency 1, 2 and 8, /healthz of the same app in
-   the same runs at 1 and 8 (interleaved, so drift hits both alike), cold /rank for never-seen users, a
-   refresh after 100 new events, the service's own stage timings, its CPU per request
-   and its memory before and after.
+   the same runs at 1 and 8 (interleaved, so drift hits both alike), cold /rank for
+   never-seen users, a refresh after 100 new events, the service's own stage timings,
+   its CPU per request and its memory before and after.
 
 Every figure is the median over `repeats` runs, each after a warm-up. The load generator
 is wrk or the asyncio client of `loadtest.httpload`, whichever costs less CPU per request
@@ -168,9 +168,9 @@ class Loader:
 
 
 def inprocess_scorer(artifacts: str, m: int, items: int) -> Callable[[], float]:
-    """A closure timing the served artifact's scorer in this process (median ms of 50
-    calls at M = m): the overhead ratio's denominator, taken between the HTTP runs so
-    that it sees the machine in the same state as they do."""
+    """A closure timing the served artifact's scorer in this process (median ms of 64
+    calls at M = m, fresh candidates each): the overhead ratio's denominator, taken
+    between the HTTP runs so that it sees the machine in the same state as they do."""
     from loadtest.microbench import _events
     from service.runtime import ModelRuntime
 

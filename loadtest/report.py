@@ -78,6 +78,18 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+def _ms_table(header: str, by_size: dict[str, Any]) -> list[str]:
+    """One row of sizes, one row of milliseconds (nothing when there are no figures)."""
+    if not by_size:
+        return []
+    return [
+        f"| {header} | " + " | ".join(str(k) for k in by_size) + " |",
+        "|---|" + "---:|" * len(by_size),
+        "| ms | " + " | ".join(_fmt(x, 3) for x in by_size.values()) + " |",
+        "",
+    ]
+
+
 def markdown(rep: dict[str, Any]) -> str:
     m = rep.get("machine", {})
     v = rep.get("versions", {})
@@ -193,32 +205,12 @@ def markdown(rep: dict[str, Any]) -> str:
     ip = derived.get("inprocess") or {}
     if ip:
         lines += ["", "## In process (ONNX Runtime, one call, median ms)", ""]
-        build, score, soft = (
-            ip.get("build_state_ms", {}),
-            ip.get("score_ms", {}),
-            ip.get("softmax_full_ms", {}),
-        )
-        if build:
-            lines += [
-                "| build_state N | " + " | ".join(str(k) for k in build) + " |",
-                "|---|" + "---:|" * len(build),
-                "| ms | " + " | ".join(_fmt(x, 3) for x in build.values()) + " |",
-                "",
-            ]
-        if score:
-            lines += [
-                "| score M | " + " | ".join(str(k) for k in score) + " |",
-                "|---|" + "---:|" * len(score),
-                "| ms | " + " | ".join(_fmt(x, 3) for x in score.values()) + " |",
-                "",
-            ]
-        if soft:
-            lines += [
-                "| softmax_full (torch, N=100k) M | " + " | ".join(str(k) for k in soft) + " |",
-                "|---|" + "---:|" * len(soft),
-                "| ms | " + " | ".join(_fmt(x, 3) for x in soft.values()) + " |",
-                "",
-            ]
+        for header, key in (
+            ("build_state N", "build_state_ms"),
+            ("score M", "score_ms"),
+            ("softmax_full (torch, N=100k) M", "softmax_full_ms"),
+        ):
+            lines += _ms_table(header, ip.get(key) or {})
         for key in (
             "fold_100_ms",
             "ifa_warm_ms",

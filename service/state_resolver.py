@@ -334,10 +334,11 @@ class StateResolver:
 
 
 def _fold_all(rt: Runtime, base: UserState | None, partials: list[UserState]) -> UserState:
-    state = base
-    for part in partials:
-        state = part if state is None else rt.fold(state, part)
-    return state if state is not None else rt.empty_state()
+    """`base` (None: nothing) folded with every partial state; partials is never empty."""
+    state = partials[0] if base is None else rt.fold(base, partials[0])
+    for part in partials[1:]:
+        state = rt.fold(state, part)
+    return state
 
 
 def _fold_events(rt: Runtime, base: UserState | None, events: np.ndarray) -> UserState:

@@ -29,9 +29,9 @@ from ifa_common.records import RECORD_SIZE, unpack
 
 T = TypeVar("T")
 
-# One GETRANGE reads at most this many records (1 MiB); a long tail is several
+# One GETRANGE reads at most this many records (4 MiB); a long tail is several
 # GETRANGEs in one pipeline, so each reply has its own read timeout.
-READ_CHUNK_RECORDS: Final = 131_072  # 4 MiB per GETRANGE (one reply per 131k events)
+READ_CHUNK_RECORDS: Final = 131_072
 READ_SOCKET_BYTES: Final = 1 << 20
 
 _APPEND_LUA: Final = """

@@ -61,6 +61,10 @@ class LinearCrossAttention(nn.Module):
         smooth learned map over d_key dims cannot be (what lifts linear attention to
         per-category counts); still one feature vector per event, so the state stays
         additive. Unknown categories (bucket 0) occupy no slot.
+
+        This dense form is the kernel's definition, which the tests hold the model to:
+        `state_from` sums the keys' slots sparsely and `read` gathers the one occupied
+        slot of each candidate, neither ever builds these (..., H, cat_slots) tensors.
         """
         slot = self.slot_index(cat)  # (..., H)
         hit = (slot.unsqueeze(-1) == self.slot_ids) & (cat > 0)[..., None, None]  # (..., H, B)

@@ -19,15 +19,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from svc_helpers import seed_sequence
 
-from ifa_common.records import make_events, pack
 from service.app import create_app
 from service.settings import Settings
-from service.store import seq_key
 
 from .test_metric_names import (
     CONTRACT,
@@ -44,19 +42,6 @@ CANDS = [1, 5, 9, 13, 60, 61]
 DEGRADED_REASONS = {"partial_state", "stale_state", "no_history", "overloaded"}
 # Label values every Prometheus adds, or Grafana template variables: not the service's.
 NOT_EXPORTED_LABELS = {"job", "instance"}
-
-
-def seed_sequence(url: str, user_id: str, n: int, seed: int = 0) -> None:
-    """n records straight into Redis: a long history that no request has built yet."""
-    rng = np.random.default_rng(seed)
-    events = make_events(
-        rng.integers(0, 80, n),
-        T0 + np.arange(n, dtype=np.int64) * 60,
-        rng.integers(0, 9, n),
-        rng.integers(0, 3, n),
-    )
-    with redis.Redis.from_url(url) as client:
-        client.append(seq_key(user_id), pack(events))
 
 
 def events(n: int, seed: int) -> list[dict[str, int]]:

@@ -27,12 +27,13 @@ import httpx
 import pytest
 import yaml
 from e2e.uvicorn_proc import Service, service_env
+from svc_helpers import seed_sequence
 
 from service.embedded_redis import free_port
 
 from .conftest import load_yaml_docs
 from .test_deploy_prometheus import PROM, RULES
-from .test_live_metrics import events, seed_sequence
+from .test_live_metrics import events
 
 JOB = "ifa-rank"  # the job name the rules select on
 PROMETHEUS_INSTALL = "apt-get install -y --no-install-recommends prometheus"
