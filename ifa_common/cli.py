@@ -68,6 +68,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     e.add_argument("checkpoint")
     e.add_argument("--data", default="movielens")
     e.add_argument("--split", default="test", choices=["valid", "test"])
+    e.add_argument(
+        "--predictions",
+        default=None,
+        metavar="FILE.csv",
+        help="also write request_id,item_id,label,score for every logged row of the split, "
+        "in the input file's row order (score = the model's probability)",
+    )
     e.set_defaults(func=_lazy("model_export.evaluate:main"))
 
     c = sub.add_parser(

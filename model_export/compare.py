@@ -16,7 +16,7 @@ from model_export.plots import plot_compare
 from model_export.presets import resolve
 from model_export.train import train_model
 
-METRICS = ("auc", "gauc", "ndcg@10", "logloss")
+METRICS = ("auc", "gauc", "ndcg@10", "logloss", "history_gain")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -27,17 +27,19 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
     }
     for key in METRICS:
-        values = [r["test"][key] for r in runs]
+        values = [r["test"].get(key, float("nan")) for r in runs]
         row[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": values}
     return row
 
 
 def to_markdown(rows: list[dict[str, Any]], data: str, command: str) -> str:
     lines = [
-        f"Data: `{data}`. Command: `{command}`. Test split, mean ± std over seeds.",
+        f"Data: `{data}`. Command: `{command}`. Test split, logged rows only, "
+        "mean ± std over seeds; history gain = AUC minus the same model's AUC with the "
+        "history removed; train s = mean wall time of one training run.",
         "",
-        "| model | AUC | GAUC | NDCG@10 | logloss | params | train s |",
-        "|---|---|---|---|---|---|---|",
+        "| model | AUC | GAUC | NDCG@10 | logloss | history gain | params | train s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f}" for k in METRICS]

@@ -1,12 +1,19 @@
 """Ranking metrics over candidate sets: AUC, GAUC, NDCG@10, logloss (numpy only).
 
+Every headline metric is over the *logged* rows only (the candidates the log says were
+exposed, with their logged labels): the standard offline definitions. The unexposed
+items drawn to pad a set to the serving size are a training device; the one figure
+that counts them is named for it, `auc_vs_sampled`.
+
 Definitions (what the README's tables mean):
-* AUC: pooled over every valid candidate of every request; ties count one half
+* AUC: pooled over every logged row of every request; ties count one half
   (Mann-Whitney U with average ranks).
-* GAUC: per-user AUC, averaged with each user weighted by their number of valid
-  candidates (impressions); users whose candidates are all one class are skipped.
-* NDCG@10: per request with binary gains, averaged over requests with a positive.
-* logloss: mean binary cross entropy of sigmoid(logit), pooled.
+* GAUC: per-user AUC, averaged with each user weighted by their number of logged rows
+  (impressions); users whose rows are all one class are skipped.
+* NDCG@10: per request over its logged rows, binary gains, averaged over requests with
+  a positive.
+* logloss: mean binary cross entropy of sigmoid(logit), pooled over logged rows.
+* auc_vs_sampled: AUC pooled over logged rows *and* sampled negatives (label 0).
 """
 
 from __future__ import annotations
@@ -88,37 +95,49 @@ class MetricAccumulator:
     users: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     logits: list[np.ndarray] = field(default_factory=list)
+    sampled_logits: list[np.ndarray] = field(default_factory=list)
     ndcg_sum: float = 0.0
     ndcg_sets: int = 0
 
-    def add(self, user: int, logits: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> None:
-        """One user's requests: (R, M) logits, labels, mask."""
-        m = mask.astype(bool)
-        self.users.append(np.full(int(m.sum()), user, dtype=np.int64))
-        self.labels.append(labels[m].astype(np.float64))
-        self.logits.append(logits[m].astype(np.float64))
-        has_pos = (np.where(m, labels, 0) > 0).any(axis=1)
+    def add(
+        self,
+        user: int,
+        logits: np.ndarray,
+        labels: np.ndarray,
+        mask: np.ndarray,
+        exposed: np.ndarray | None = None,
+    ) -> None:
+        """One user's requests: (R, M) logits, labels, mask (a real candidate) and exposed
+        (a logged row; None = every masked candidate is logged)."""
+        valid = mask.astype(bool)
+        logged = valid if exposed is None else valid & exposed.astype(bool)
+        self.users.append(np.full(int(logged.sum()), user, dtype=np.int64))
+        self.labels.append(labels[logged].astype(np.float64))
+        self.logits.append(logits[logged].astype(np.float64))
+        self.sampled_logits.append(logits[valid & ~logged].astype(np.float64))
+        has_pos = (np.where(logged, labels, 0) > 0).any(axis=1)
         if has_pos.any():
-            value = ndcg_at_k(labels[has_pos], logits[has_pos], m[has_pos])
+            value = ndcg_at_k(labels[has_pos], logits[has_pos], logged[has_pos])
             self.ndcg_sum += value * int(has_pos.sum())
             self.ndcg_sets += int(has_pos.sum())
 
     def compute(self) -> dict[str, float]:
         if not self.labels:
-            return {
-                "auc": float("nan"),
-                "gauc": float("nan"),
-                "ndcg@10": float("nan"),
-                "logloss": float("nan"),
-                "candidates": 0,
-            }
+            nan = float("nan")
+            return {"auc": nan, "gauc": nan, "ndcg@10": nan, "logloss": nan, "logged_rows": 0}
         y = np.concatenate(self.labels)
         s = np.concatenate(self.logits)
         u = np.concatenate(self.users)
-        return {
+        sampled = np.concatenate(self.sampled_logits)
+        out = {
             "auc": auc(y, s),
             "gauc": gauc(u, y, s),
             "ndcg@10": self.ndcg_sum / self.ndcg_sets if self.ndcg_sets else float("nan"),
             "logloss": logloss(y, s),
-            "candidates": len(y),
+            "logged_rows": len(y),
         }
+        if sampled.size:
+            both_y = np.concatenate([y, np.zeros(sampled.size)])
+            out["auc_vs_sampled"] = auc(both_y, np.concatenate([s, sampled]))
+            out["sampled_rows"] = int(sampled.size)
+        return out

@@ -16,7 +16,7 @@ def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> None
     epochs = [h["epoch"] for h in history]
     ax[0].plot(epochs, [h["train_loss"] for h in history], marker="o")
     ax[0].set(xlabel="epoch", ylabel="train loss", title="training loss")
-    for key in ("valid_auc", "valid_gauc"):
+    for key in ("valid_auc", "valid_gauc", "valid_auc_no_history"):
         ax[1].plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
     ax[1].set(xlabel="epoch", ylabel="metric", title="validation")
     ax[1].legend()

@@ -15,7 +15,7 @@ class TrainConfig:
     epochs: int = 6
     lr: float = 3e-3
     weight_decay: float = 1e-5
-    users_per_step: int = 8  # users (each with all their requests) per optimizer step
+    users_per_step: int = 1  # users (each with all their requests) per optimizer step
     set_size: int = 50  # candidate set size requests are padded to (serving-like sets)
     listwise_weight: float = 0.5  # loss = BCE + listwise_weight * listwise softmax CE
     patience: int = 2  # epochs without valid AUC gain before stopping
@@ -68,7 +68,7 @@ SYNTHETIC: dict[str, SyntheticSpec] = {
         users=24, min_len=200, max_len=2_000, items=2_000, categories=40, requests_per_user=6
     ),
     "small": SyntheticSpec(
-        users=240, min_len=1_000, max_len=10_000, items=10_000, categories=100, requests_per_user=10
+        users=240, min_len=1_000, max_len=10_000, items=10_000, categories=100, requests_per_user=40
     ),
     "full": SyntheticSpec(
         users=2_000,

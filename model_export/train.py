@@ -87,7 +87,8 @@ def train_model(
         if progress:
             tqdm.write(
                 f"{cfg.model} epoch {epoch + 1}: loss {np.mean(losses):.4f} "
-                f"valid auc {valid['auc']:.4f} gauc {valid['gauc']:.4f}"
+                f"valid auc {valid['auc']:.4f} gauc {valid['gauc']:.4f} "
+                f"history gain {valid['history_gain']:+.4f}"
             )
         score = valid["auc"] if not math.isnan(valid["auc"]) else -float(np.mean(losses))
         if score > best_auc:
@@ -138,12 +139,15 @@ def train_model(
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    rows = ["| split | auc | gauc | ndcg@10 | logloss |", "|---|---|---|---|---|"]
+    rows = [
+        "| split (logged rows) | auc | gauc | ndcg@10 | logloss | history gain |",
+        "|---|---|---|---|---|---|",
+    ]
     for split in ("valid", "test"):
         m = metrics[split]
         rows.append(
             f"| {split} | {m['auc']:.4f} | {m['gauc']:.4f} | {m['ndcg@10']:.4f} "
-            f"| {m['logloss']:.4f} |"
+            f"| {m['logloss']:.4f} | {m['history_gain']:+.4f} |"
         )
     return "\n".join(rows)
 

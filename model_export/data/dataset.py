@@ -146,6 +146,15 @@ class Dataset:
             exposed=torch.from_numpy(exposed),
         )
 
+    def logged_rows(self, u: int, split: str) -> list[tuple[int, int]]:
+        """Request r of user u's `split` batch (in batch order) -> its logged candidates
+        `cand_*[c0:c1]`, which are the first c1 - c0 columns of that batch row whenever
+        the batch keeps every logged row (evaluation splits, fixed padding)."""
+        log = self.log
+        r0, r1 = int(log.req_offsets[u]), int(log.req_offsets[u + 1])
+        reqs = r0 + np.flatnonzero(log.req_split[r0:r1] == SPLITS.index(split))
+        return [(int(log.cand_offsets[r]), int(log.cand_offsets[r + 1])) for r in reqs]
+
     def _candidate_set(
         self, r: int, rng: np.random.Generator, *, truncate: bool
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -80,6 +80,7 @@ class LogData:
     cand_item: np.ndarray  # (C,) int64
     cand_category: np.ndarray  # (C,) int64
     cand_label: np.ndarray  # (C,) int8
+    cand_row: np.ndarray  # (C,) int64: 0-based data row of each logged candidate in the file
     item_ids: np.ndarray  # (I,) int64 sorted: every item seen in the log
     item_category: np.ndarray  # (I,) int64: its most frequent category (see items.py)
 
@@ -250,6 +251,7 @@ def load_log(path: str | Path) -> LogData:
         cand_item=item[cand_rows],
         cand_category=category[cand_rows],
         cand_label=label[cand_rows].astype(np.int8),
+        cand_row=cand_rows.astype(np.int64),
         item_ids=items,
         item_category=item_cats,
     )

@@ -19,12 +19,14 @@ class ModelConfig:
     category_buckets: int = 1_024  # row 0 = unknown category
     action_buckets: int = 16  # row 0 = unknown action
     d_model: int = 32  # embedding / token width
+    embed_std: float = 1.0  # init std of the item/category/action tables (see embeddings.py)
     heads: int = 4  # attention heads H
     d_head: int = 8  # value width per head D
     d_key: int = 0  # query/key width per head d before phi (0 = d_head)
     feature_map: str = "exp"  # ifa's positive map phi: elu | exp | hedgehog | taylor
     decay_per_day: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # ifa: lambda_h per head, 0 = lifelong
-    use_mass: bool = False  # ifa: log attention mass to the head (no gain with slots)
+    use_mass: bool = False  # log attention mass to the head (ifa and the attention baselines)
+    attn_temp_init: float = 1.0  # baselines: initial factor on q.k/sqrt(d), learned per head
     set_layer: bool = False  # self-attention over the candidate set
     set_heads: int = 2
     mlp_hidden: tuple[int, ...] = (64, 32)

@@ -19,7 +19,7 @@ class Embeddings(nn.Module):
         self.category = nn.Embedding(cfg.category_buckets, cfg.d_model)
         self.action = nn.Embedding(cfg.action_buckets, cfg.d_model)
         for table in (self.item, self.category, self.action):
-            nn.init.normal_(table.weight, std=0.05)
+            nn.init.normal_(table.weight, std=cfg.embed_std)
 
     def events(self, item: torch.Tensor, cat: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """(N,) x 3 -> (N, C)."""

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from ifa_common.cli import main
+from model_export.data.logs import SPLITS, load_log
 from model_export.data.synthetic import generate, write_log
+from model_export.metrics import auc
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +59,32 @@ def test_train_writes_checkpoint_metrics_and_curves(
     assert main(["evaluate", str(out / "checkpoint.pt"), "--data", str(log_file)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["test"]["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-6)
+    assert metrics["test"]["sampled_rows"] > 0  # padded sets; counted apart from logged rows
+    assert {"auc_no_history", "history_gain", "auc_vs_sampled"} <= metrics["test"].keys()
+
+    # per-row predictions: every logged test row, in the input file's row order
+    preds_path = tmp_path / "preds.csv"
+    argv = ["evaluate", str(out / "checkpoint.pt"), "--data", str(log_file)]
+    assert main([*argv, "--predictions", str(preds_path)]) == 0
+    capsys.readouterr()
+    preds = pd.read_csv(preds_path, dtype={"request_id": str})
+    assert list(preds.columns) == ["request_id", "item_id", "label", "score"]
+    log = load_log(log_file)
+    test_req = np.flatnonzero(log.req_split == SPLITS.index("test"))
+    test_rows = np.sort(
+        np.concatenate(
+            [log.cand_row[log.cand_offsets[r] : log.cand_offsets[r + 1]] for r in test_req]
+        )
+    )
+    source = pd.read_csv(log_file, dtype={"request_id": str}).iloc[test_rows]
+    assert len(preds) == len(source) == metrics["test"]["logged_rows"]
+    assert (preds["request_id"].to_numpy() == source["request_id"].to_numpy()).all()
+    assert (preds["item_id"].to_numpy() == source["item_id"].to_numpy()).all()
+    assert (preds["label"].to_numpy() == source["label"].to_numpy()).all()
+    assert ((preds["score"] > 0) & (preds["score"] < 1)).all()
+    # anyone can recompute the headline metric from the file alone
+    recomputed = auc(preds["label"].to_numpy(), preds["score"].to_numpy())
+    assert recomputed == pytest.approx(metrics["test"]["auc"], abs=1e-6)
 
     # and it exports to a servable artifact
     assert main(["export", str(out / "checkpoint.pt"), "--out", str(tmp_path / "art")]) == 0

@@ -62,7 +62,25 @@ def test_accumulator_combines_users() -> None:
         1, np.array([[1.0, 2.0, 0.0]]), np.array([[1.0, 0.0, 0.0]]), np.array([[True, True, False]])
     )
     out = acc.compute()
-    assert out["candidates"] == 4
+    assert out["logged_rows"] == 4
+    assert "auc_vs_sampled" not in out  # no sampled negatives were given
     assert out["auc"] == pytest.approx(0.5)  # pos {2, 1} vs neg {1, 2}: (1 + .5 + .5 + 0) / 4
     assert out["gauc"] == pytest.approx(0.5)  # (2*1 + 2*0) / 4
     assert out["ndcg@10"] == pytest.approx((1.0 + 1 / math.log2(3)) / 2)
+
+
+def test_headline_metrics_ignore_sampled_negatives() -> None:
+    """Sampled negatives (exposed False) never enter AUC/GAUC/NDCG/logloss."""
+    logits = np.array([[2.0, 1.0, 0.5, -3.0, -4.0]])
+    labels = np.array([[0.0, 1.0, 0.0, 0.0, 0.0]])
+    mask = np.ones((1, 5), bool)
+    exposed = np.array([[True, True, True, False, False]])
+    acc = MetricAccumulator()
+    acc.add(0, logits, labels, mask, exposed)
+    out = acc.compute()
+    assert out["logged_rows"] == 3 and out["sampled_rows"] == 2
+    assert out["auc"] == pytest.approx(0.5)  # logged: pos 1.0 vs neg {2.0, 0.5}
+    assert out["auc_vs_sampled"] == pytest.approx(0.75)  # + two easy negatives: 3 of 4
+    assert out["ndcg@10"] == pytest.approx(1 / math.log2(3))  # second of the 3 logged rows
+    expected_ll = logloss(labels[exposed], logits[exposed])
+    assert out["logloss"] == pytest.approx(expected_ll)

@@ -56,6 +56,7 @@ def _selected_events(model_type: str, model: AttentionBaseline, batch: UserBatch
         same = [i for i in range(p) if int(batch.ev_cat[i]) == int(batch.cand_cat[r, j])]
         return same[-cfg.top_k :]
     scores = (q[r, j].unsqueeze(0) * k[:p]).sum(-1).mean(-1)  # (p,) twin: mean over heads
+    scores = scores + _category_term(model, batch, r, j, list(range(p))).mean(-1)
     return torch.topk(scores, min(cfg.top_k, p)).indices.tolist()
 
 
@@ -71,16 +72,31 @@ def test_baseline_attends_over_the_specified_events(model_type: str) -> None:
         q = model.attn.queries(c)  # (R, M, H, d)
         e = model.embed.events(batch.ev_item, batch.ev_cat, batch.ev_action)
         k, v = model.attn.keys_values(e)
-        got = model.attend(batch, q, k, v)  # (R, M, H, D)
+        got, mass = model.attend(batch, q, k, v)  # (R, M, H, D), (R, M, H)
         for r in range(batch.num_requests):
             for j in range(batch.cand_item.shape[1]):
                 idx = _selected_events(model_type, model, batch, r, j, q, k)
                 if not idx:
                     assert not got[r, j].any()
                     continue
-                w = torch.softmax((q[r, j].unsqueeze(0) * k[idx]).sum(-1), dim=0)  # (K, H)
+                score = (q[r, j].unsqueeze(0) * k[idx]).sum(-1) + _category_term(
+                    model, batch, r, j, idx
+                )  # (K, H)
+                w = torch.softmax(score, dim=0)
                 want = (w.unsqueeze(-1) * v[idx]).sum(0)  # (H, D)
                 assert torch.allclose(got[r, j], want, atol=1e-5), (r, j, idx)
+                assert torch.allclose(mass[r, j], torch.logsumexp(score, dim=0), atol=1e-4)
+
+
+def _category_term(
+    model: AttentionBaseline, batch: UserBatch, r: int, j: int, idx: list[int]
+) -> torch.Tensor:
+    """(K, H): cat_strength_h where event and candidate share a known category, else 0."""
+    strength = model.attn.cat_strength
+    assert strength is not None
+    cand = int(batch.cand_cat[r, j])
+    same = torch.tensor([float(int(batch.ev_cat[i]) == cand and cand > 0) for i in idx])
+    return same.unsqueeze(1) * strength.unsqueeze(0)
 
 
 def test_mean_pool_reads_the_prefix_mean() -> None:
