@@ -25,7 +25,7 @@ from ..batch import UserBatch
 from .base import RankModel
 from .config import ModelConfig
 from .linear_attention import MASS_CLAMP
-from .target_attention import TargetAttention
+from .target_attention import TargetAttention, softmax_read
 
 CHUNK_ELEMENTS = 1 << 22  # bound on the (requests x candidates x keys x heads) work per chunk
 
@@ -169,9 +169,9 @@ class SoftmaxFull(AttentionBaseline):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
         for i, p in enumerate(batch.req_prefix.tolist()):
-            if p == 0:  # readout 0, log mass at the clamp: (M, H, D + 1)
-                empty = q.new_zeros(*q.shape[1:3], v.shape[-1] + 1)
-                out.append(empty.index_fill(-1, torch.tensor([v.shape[-1]]), -MASS_CLAMP))
+            if p == 0:  # readout 0 (M, H, D), log mass at the clamp (M, H, 1)
+                zeros = q.new_zeros(*q.shape[1:3], v.shape[-1])
+                out.append(torch.cat([zeros, zeros[..., :1] - MASS_CLAMP], dim=-1))
             else:
                 bias = self.attn.category_bias(batch.cand_cat[i].unsqueeze(-1), batch.ev_cat[:p])
                 if bias is None:
@@ -189,10 +189,8 @@ class SoftmaxFull(AttentionBaseline):
         att = torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0))  # (H, M, d) @ (H, d, p)
         if bias.dim():
             att = att + bias.transpose(0, 1)  # (H, M, p)
-        p = torch.softmax(att, dim=-1)  # (H, M, p)
-        o = torch.matmul(p, v.transpose(0, 1))  # (H, M, D)
-        lse = torch.logsumexp(att, dim=-1, keepdim=True)  # (H, M, 1)
-        return torch.cat([o, lse], dim=-1).transpose(0, 1)  # (H, M, D+1) -> (M, H, D+1)
+        o, lse = softmax_read(att, v.transpose(0, 1))  # (H, M, D), (H, M)
+        return torch.cat([o, lse.unsqueeze(-1)], dim=-1).transpose(0, 1)  # (M, H, D+1)
 
 
 class MeanPool(RankModel):

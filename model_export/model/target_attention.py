@@ -81,10 +81,8 @@ class TargetAttention(nn.Module):
         att = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1))  # (B, H, M, L)
         if bias is not None:
             att = att + bias.transpose(1, 2)  # (B, H, M, L)
-        att = att.masked_fill(~mask[:, None, None, :], MASKED_SCORE)
-        p = torch.softmax(att, dim=-1) * mask[:, None, None, :]  # all-masked rows read 0
-        o = torch.matmul(p, v.transpose(1, 2)).transpose(1, 2)  # (B, H, M, D) -> (B, M, H, D)
-        return o, torch.logsumexp(att, dim=-1).transpose(1, 2)  # (B, H, M) -> (B, M, H)
+        o, lse = softmax_read(att, v.transpose(1, 2), mask[:, None, None, :])  # (B,H,M,D), (B,H,M)
+        return o.transpose(1, 2), lse.transpose(1, 2)  # (B, M, H, D), (B, M, H)
 
     def per_candidate(
         self,
@@ -100,7 +98,19 @@ class TargetAttention(nn.Module):
         if bias is not None:
             att = att + bias.unsqueeze(-2)  # (B, M, H, 1, K)
         keep = mask[:, :, None, None, :]  # (B, M, 1, 1, K)
+        o, lse = softmax_read(att, v.transpose(2, 3), keep)  # (B, M, H, 1, D), (B, M, H, 1)
+        return o.squeeze(-2), lse.squeeze(-1)  # (B, M, H, D), (B, M, H)
+
+
+def softmax_read(
+    att: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores att (..., Q, K), values v (..., K, D), keep (bool, broadcast to att) or None
+    -> softmax readout (..., Q, D) and log mass logsumexp (..., Q). Masked keys get a
+    finite MASKED_SCORE, and a query whose keys are all masked reads zeros."""
+    if keep is not None:
         att = att.masked_fill(~keep, MASKED_SCORE)
-        p = torch.softmax(att, dim=-1) * keep
-        o = torch.matmul(p, v.transpose(2, 3)).squeeze(-2)  # (B,M,H,1,D) -> (B,M,H,D)
-        return o, torch.logsumexp(att, dim=-1).squeeze(-1)  # (B, M, H, 1) -> (B, M, H)
+    p = torch.softmax(att, dim=-1)
+    if keep is not None:
+        p = p * keep  # all-masked rows read 0
+    return torch.matmul(p, v), torch.logsumexp(att, dim=-1)
