@@ -22,8 +22,10 @@ run: install
 	else echo "serving artifact $$(cat artifacts/latest) (remove artifacts/ to retrain)"; fi
 	$(BIN)/python -m loadtest.quickstart
 
+# the coverage report (in-process code; the uvicorn subprocesses of the e2e tests are not
+# traced) prints after the test summary
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --cov --cov-report=term
 
 bench: install
 	$(BIN)/ifa-rank bench
@@ -34,7 +36,7 @@ loadtest: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy ifa_common service model_export loadtest
+	$(BIN)/mypy ifa_common service model_export loadtest tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -23,7 +23,7 @@ def _lazy(target: str) -> Handler:
     return run
 
 
-def _add_data(sub: argparse._SubParsersAction) -> None:
+def _add_data(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("data", help="prepare data sets (MovieLens-100k, lifelong synthetic)")
     kinds = p.add_subparsers(dest="kind", required=True)
     ml = kinds.add_parser("movielens", help="fetch MovieLens-100k from the recbole==1.2.1 wheel")
@@ -41,7 +41,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     syn.set_defaults(func=_lazy("model_export.commands:data_synthetic"))
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
+def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     models = "ifa,din,sim_hard,twin,softmax_full,mean_pool"
     p = sub.add_parser(
         "train", help="train one model; writes checkpoint.pt, metrics.json, curves.png"
@@ -97,7 +97,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     x.set_defaults(func=_lazy("model_export.commands:export"))
 
 
-def _add_service(sub: argparse._SubParsersAction) -> None:
+def _add_service(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("serve", help="run the ranking service under uvicorn (settings: IFA_*)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)

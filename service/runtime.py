@@ -227,7 +227,8 @@ class ModelRuntime:
             "mask": np.ones((1, m), np.bool_),
         }
         (logits,) = self._scorer.run(SCORER_OUTPUTS, feeds)
-        return logits[0]
+        out: np.ndarray = logits[0]
+        return out
 
     def score_batch(
         self, states: Sequence[UserState], items: Sequence[np.ndarray]

@@ -41,4 +41,5 @@ def sample_negatives(
         blocked[idx] = True
         picked.append(idx)
         need -= idx.size
-    return pool[np.concatenate(picked)]
+    out: np.ndarray = pool[np.concatenate(picked)]
+    return out

@@ -62,7 +62,8 @@ class World:
     def sample_items(self, rng: np.random.Generator, cats: np.ndarray) -> np.ndarray:
         """Item indices (into the world arrays), popularity-weighted within each category."""
         pos = np.searchsorted(self.cat_cdf, cats + rng.random(cats.size), side="right")
-        return np.minimum(pos, self.cat_start[cats + 1] - 1)
+        out: np.ndarray = np.minimum(pos, self.cat_start[cats + 1] - 1)
+        return out
 
 
 def make_world(items: int, categories: int, rng: np.random.Generator) -> World:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..batch import UserBatch
+from model_export.batch import UserBatch
+
 from .config import ModelConfig
 from .embeddings import Embeddings
 from .head import ScoreHead

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..batch import UserBatch
+from model_export.batch import UserBatch
+
 from .base import RankModel
 from .config import ModelConfig
 from .linear_attention import MASS_CLAMP

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ifa_common.state import fold_arrays
+from model_export.batch import UserBatch
 
-from ..batch import UserBatch
 from .base import RankModel
 from .config import ModelConfig
 from .linear_attention import LinearCrossAttention

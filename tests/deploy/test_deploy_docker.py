@@ -76,14 +76,18 @@ def _resolve(base: str, global_args: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}", lambda m: global_args[m.group(1)], base)
 
 
-def test_targets_gpu_default_and_cpu(dockerfile) -> None:
+def test_targets_gpu_default_and_cpu(
+    dockerfile: tuple[dict[str, str], dict[str, Stage], list[Stage]],
+) -> None:
     global_args, by_name, stages = dockerfile
     assert {"cpu", "gpu", "cpu-build", "gpu-build"} <= set(by_name)
     assert stages[-1].name == "gpu", "a plain `docker build .` must give the GPU image"
     assert _resolve(by_name["cpu"].base, global_args).startswith("python:3.11-slim")
 
 
-def test_gpu_base_matches_onnxruntime_gpu_pin(dockerfile) -> None:
+def test_gpu_base_matches_onnxruntime_gpu_pin(
+    dockerfile: tuple[dict[str, str], dict[str, Stage], list[Stage]],
+) -> None:
     global_args, by_name, _ = dockerfile
     base = _resolve(by_name["gpu"].base, global_args)
     # onnxruntime-gpu 1.31.x on PyPI is built for CUDA 13.0 + cuDNN 9 (see the Dockerfile).
@@ -94,7 +98,9 @@ def test_gpu_base_matches_onnxruntime_gpu_pin(dockerfile) -> None:
     )
 
 
-def test_gpu_build_never_installs_cpu_onnxruntime(dockerfile) -> None:
+def test_gpu_build_never_installs_cpu_onnxruntime(
+    dockerfile: tuple[dict[str, str], dict[str, Stage], list[Stage]],
+) -> None:
     _, by_name, _ = dockerfile
     runs = " ".join(by_name["gpu-build"].args("RUN"))
     assert "pip install --no-deps ." in runs
@@ -104,7 +110,9 @@ def test_gpu_build_never_installs_cpu_onnxruntime(dockerfile) -> None:
     assert "torch" not in runs.replace('! python -c "import torch"', "")
 
 
-def test_gpu_requirements_filter_drops_only_onnxruntime(dockerfile, tmp_path: Path) -> None:
+def test_gpu_requirements_filter_drops_only_onnxruntime(
+    dockerfile: tuple[dict[str, str], dict[str, Stage], list[Stage]], tmp_path: Path
+) -> None:
     """Run the Dockerfile's own dependency filter against pyproject.toml."""
     _, by_name, _ = dockerfile
     runs = " ".join(by_name["gpu-build"].args("RUN"))
@@ -128,7 +136,9 @@ def test_gpu_requirements_filter_drops_only_onnxruntime(dockerfile, tmp_path: Pa
 
 
 @pytest.mark.parametrize("target", ["cpu", "gpu"])
-def test_runtime_stage(dockerfile, target: str) -> None:
+def test_runtime_stage(
+    dockerfile: tuple[dict[str, str], dict[str, Stage], list[Stage]], target: str
+) -> None:
     _, by_name, _ = dockerfile
     stage = by_name[target]
     assert stage.args("EXPOSE") == ["8000"]
@@ -154,7 +164,9 @@ def _exec_form(value: str) -> list[str]:
     return [str(p) for p in parsed]
 
 
-def test_copied_sources_exist(dockerfile) -> None:
+def test_copied_sources_exist(
+    dockerfile: tuple[dict[str, str], dict[str, Stage], list[Stage]],
+) -> None:
     global_args, by_name, _ = dockerfile
     assert (ROOT / global_args["ARTIFACTS_DIR"]).is_dir()
     for name in ("cpu-build", "gpu-build"):

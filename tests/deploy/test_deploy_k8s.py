@@ -33,12 +33,12 @@ def objects() -> dict[tuple[str, str], dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def deployment(objects) -> dict[str, Any]:
+def deployment(objects: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
     return objects[("Deployment", "ifa-rank")]
 
 
 @pytest.fixture(scope="module")
-def container(deployment) -> dict[str, Any]:
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
     (c,) = deployment["spec"]["template"]["spec"]["containers"]
     return c
 
@@ -57,7 +57,7 @@ def test_every_manifest_parses_and_is_typed() -> None:
                 assert doc["metadata"]["name"], path
 
 
-def test_kustomization(objects) -> None:
+def test_kustomization(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
     (kust,) = load_yaml_docs(K8S / "kustomization.yaml")
     assert kust["namespace"] == "ifa"
     for res in kust["resources"]:
@@ -73,7 +73,7 @@ def test_kustomization(objects) -> None:
     } <= kinds
 
 
-def test_image_and_port(container) -> None:
+def test_image_and_port(container: dict[str, Any]) -> None:
     assert "ifa-rank" in container["image"]
     assert not container["image"].endswith(":latest")
     assert container["ports"] == [{"name": "http", "containerPort": PORT, "protocol": "TCP"}]
@@ -87,7 +87,7 @@ def _probe_port(container: dict[str, Any], port: int | str) -> int:
     return int(match)
 
 
-def test_probes(container) -> None:
+def test_probes(container: dict[str, Any]) -> None:
     probes = {k: container[k] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
     for name, probe in probes.items():
         get = probe["httpGet"]
@@ -102,7 +102,7 @@ def test_probes(container) -> None:
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "room for model load"
 
 
-def test_resources_include_gpu(container) -> None:
+def test_resources_include_gpu(container: dict[str, Any]) -> None:
     res = container["resources"]
     assert res["limits"]["nvidia.com/gpu"] == 1
     assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"]
@@ -120,7 +120,11 @@ def _sleep_seconds(container: dict[str, Any]) -> int:
     return int(cmd[1])
 
 
-def test_drain_and_grace_period(deployment, container, objects) -> None:
+def test_drain_and_grace_period(
+    deployment: dict[str, Any],
+    container: dict[str, Any],
+    objects: dict[tuple[str, str], dict[str, Any]],
+) -> None:
     spec = deployment["spec"]["template"]["spec"]
     pre_stop = _sleep_seconds(container)
     assert pre_stop >= 5, "give endpoint removal time to propagate"
@@ -139,7 +143,9 @@ def test_drain_and_grace_period(deployment, container, objects) -> None:
     assert strategy["maxUnavailable"] == 0
 
 
-def test_env_names_are_settings(container, objects, env_names) -> None:
+def test_env_names_are_settings(
+    container: dict[str, Any], objects: dict[tuple[str, str], dict[str, Any]], env_names: set[str]
+) -> None:
     config = objects[("ConfigMap", "ifa-rank-config")]["data"]
     unknown = set(config) - env_names
     assert not unknown, f"ConfigMap keys that are not Settings fields: {sorted(unknown)}"
@@ -157,7 +163,7 @@ def test_env_names_are_settings(container, objects, env_names) -> None:
     assert example["kind"] == "Secret" and token["key"] in example["stringData"]
 
 
-def test_pod_security_and_spread(deployment, container) -> None:
+def test_pod_security_and_spread(deployment: dict[str, Any], container: dict[str, Any]) -> None:
     spec = deployment["spec"]["template"]["spec"]
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] != 0
@@ -170,7 +176,9 @@ def test_pod_security_and_spread(deployment, container) -> None:
     assert {"/tmp", "/app/var"} <= mounts
 
 
-def test_selectors_line_up(objects, deployment) -> None:
+def test_selectors_line_up(
+    objects: dict[tuple[str, str], dict[str, Any]], deployment: dict[str, Any]
+) -> None:
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     sel = deployment["spec"]["selector"]["matchLabels"]
     assert sel.items() <= pod_labels.items()
@@ -194,14 +202,16 @@ def _check_hpa(hpa: dict[str, Any]) -> None:
     assert 2 <= spec["minReplicas"] < spec["maxReplicas"]
 
 
-def test_hpa_cpu(objects) -> None:
+def test_hpa_cpu(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
     hpa = objects[("HorizontalPodAutoscaler", "ifa-rank")]
     _check_hpa(hpa)
     (metric,) = hpa["spec"]["metrics"]
     assert metric["resource"]["name"] == "cpu"
 
 
-def test_hpa_custom_metric_variant_replaces_the_cpu_one(objects) -> None:
+def test_hpa_custom_metric_variant_replaces_the_cpu_one(
+    objects: dict[tuple[str, str], dict[str, Any]],
+) -> None:
     (hpa,) = load_yaml_docs(K8S / "custom-metrics" / "hpa-inflight.yaml")
     _check_hpa(hpa)
     assert (

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from uvicorn_proc import Service, service_env
+from e2e.uvicorn_proc import Service, service_env
 
 from service.embedded_redis import RedisServer
 

@@ -25,7 +25,9 @@ def test_fixed_length_users_get_exactly_their_records(client: redis.Redis) -> No
     for i in range(7):
         assert client.strlen(seq_key(f"t-{i}")) == 1000 * RECORD_SIZE
     assert not client.exists(seq_key("t-7"))
-    ev = unpack(client.get(seq_key("t-2")) or b"")
+    raw = client.get(seq_key("t-2"))
+    assert isinstance(raw, bytes)
+    ev = unpack(raw)
     assert ev.shape == (1000,)
     assert np.all(np.diff(ev["ts"]) > 0), "a history is in time order"
     assert ev["item_id"].min() >= 0 and ev["item_id"].max() < 500

@@ -104,9 +104,9 @@ def test_labels_need_more_than_the_last_100_events(tmp_path: Path) -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="min_len <= max_len"):
         generate(2, 100, 50, 100, 20, 2, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="categories >= 10"):
         generate(2, 10, 50, 100, 5, 2, 0)
 
 

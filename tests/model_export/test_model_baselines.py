@@ -37,7 +37,7 @@ def test_loss_falls_on_a_tiny_fixed_batch(model_type: str) -> None:
     for _ in range(20):
         loss = set_loss(model(batch), batch.label, batch.cand_mask, listwise_weight=0.5)
         opt.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it untyped
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]

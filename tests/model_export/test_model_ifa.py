@@ -12,6 +12,7 @@ from factories import T0, random_batch, random_events, tiny_config
 from ifa_common.state import EMPTY_LOG_SCALE, fold_arrays
 from model_export.model import FEATURE_MAPS, IFAModel, build_model
 from model_export.model.config import ModelConfig
+from model_export.model.linear_attention import LinearCrossAttention
 
 DECAYS = {"lifelong": (0.0, 0.0), "decay": (0.0, 0.5)}
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -213,7 +214,13 @@ def test_category_slots_add_an_exact_match_kernel(fm: str) -> None:
     assert int((k[0] > 1e-6).sum()) == 2  # one slot per head
 
 
-def _dense_read(attn: torch.nn.Module, S, z, c, cats):  # type: ignore[no-untyped-def]
+def _dense_read(
+    attn: LinearCrossAttention,
+    S: torch.Tensor,
+    z: torch.Tensor,
+    c: torch.Tensor,
+    cats: torch.Tensor,
+) -> torch.Tensor:
     """The readout by definition: every slot of phi(q) materialised, phi(q).S in full."""
     b, mc = c.shape[:2]
     q = attn.phi_q(attn.q_proj(c).view(b, mc, attn.heads, attn.d_key))

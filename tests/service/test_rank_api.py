@@ -63,7 +63,7 @@ def test_rank_equals_the_runtime_run_directly(client: TestClient, tiny_artifacts
 
 def test_inline_scoring_answers_the_same(redis_url: str, tiny_artifacts: Path) -> None:
     u, evs = user(), random_events(25, seed=8)
-    answers = []
+    answers: list[dict[str, Any]] = []
     for inline_ms in (0.0, 1_000.0):  # always on the pool, then always inline
         settings = make_settings(redis_url, tiny_artifacts, inline_score_ms=inline_ms)
         with TestClient(create_app(settings)) as c:

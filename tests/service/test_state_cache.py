@@ -44,17 +44,24 @@ def test_put_keeps_the_state_covering_more_events() -> None:
 
 def test_concurrent_requests_share_one_build() -> None:
     calls = 0
+    release: asyncio.Event | None = None
 
     async def build() -> UserState:
         nonlocal calls
         calls += 1
-        await asyncio.sleep(0.05)
+        if release is not None:
+            await release.wait()  # the flight stays open until every request has joined
         return state(5)
 
     async def main() -> list[UserState]:
+        nonlocal release
+        release = asyncio.Event()
         cache = StateCache(10)
         tasks = [cache.start_flight("u", build) for _ in range(20)]
         assert len({id(t) for t in tasks}) == 1
+        await asyncio.sleep(0)  # the build starts and waits
+        assert cache.flight("u") is not None
+        release.set()
         results = await asyncio.gather(*tasks)
         await asyncio.sleep(0)  # done-callbacks run
         assert cache.flight("u") is None
