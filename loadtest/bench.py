@@ -475,7 +475,7 @@ def _get(d: Any, *path: str) -> Any:
 
 
 def derive(report: dict[str, Any]) -> dict[str, Any]:
-    """The ratios and targets of DESIGN section 8 from the measured figures."""
+    """The ratios and targets of docs/design.md §8 from the measured figures."""
     from loadtest.report import inprocess_figures
 
     ip = inprocess_figures(report.get("inprocess") or {})
@@ -525,7 +525,7 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
             }
         )
 
-    # The three figures of DESIGN section 8 in the same closed-loop runs (c=1: latency is
+    # The three figures of docs/design.md §8 in the same closed-loop runs (c=1: latency is
     # not inflated by queueing), then the saturated rate (c=8), whose latency is c / rate
     # by Little's law (8 / 300 req/s = 27 ms) and so is reported, not targeted.
     target("warm /rank p50 ms (N=100k, M=500, c=1)", rank, 3.0)

@@ -111,7 +111,7 @@ def markdown(rep: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "## Targets (DESIGN section 8)",
+        "## Targets (docs/design.md §8)",
         "",
         "| figure | measured | target | ok |",
         "|---|---:|---:|:-:|",

@@ -14,7 +14,7 @@ Two paths:
 Synthetic users: item ids uniform over `--items`, category = item_id % `--categories`,
 action uniform over 4 types, timestamps increasing with exponential gaps (mean 10
 minutes) from 2020-09-13 onwards, all from `--seed`. `--length-dist loguniform` draws each
-user's length log-uniformly from [`--min-length`, `--length`] (the shape of DESIGN
+user's length log-uniformly from [`--min-length`, `--length`] (the shape of docs/design.md
 section 2's lifelong users). MovieLens: each user's behaviours (rating >= 4) from the
 generic-format Parquet that `ifa-rank data movielens` writes, in time order.
 

@@ -52,7 +52,8 @@ class Metrics:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
         self.request_duration = Histogram(
             "ifa_rank_request_duration_seconds",
-            "POST /rank latency, from the first byte in to the last byte out",
+            "POST /rank wall time, measured in ASGI middleware from the first byte in to the last "
+            "byte out; outcome rejected = 503, error = any other 4xx/5xx",
             ["outcome"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -98,7 +99,8 @@ class Metrics:
         )
         self.model_info = Gauge(
             "ifa_model_info",
-            "The model version being served (=1) and its execution provider",
+            "The model version being served (=1) and its execution provider; the old series is "
+            "removed on reload",
             ["version", "provider"],
             registry=r,
         )
@@ -123,7 +125,7 @@ class Metrics:
         )
         self.background_builds = Counter(
             "ifa_background_builds_total",
-            "Background state builds (completing a partial answer) by result",
+            "Background state builds (completing a partial answer) by result: ok, failed",
             ["result"],
             registry=r,
         )

@@ -1,6 +1,6 @@
 """Ranking logic: admission, the user's state, scoring, ordering. No FastAPI here.
 
-The degradation ladder (DESIGN section 6), in the order a request meets it:
+The degradation ladder (docs/design.md §6), in the order a request meets it:
 
     overloaded     in-flight >= IFA_MAX_INFLIGHT, or the inference queue wait alone
                    would exceed the budget: `Overloaded` (503 + Retry-After) at once

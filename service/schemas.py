@@ -1,4 +1,4 @@
-"""Request and response models of the HTTP API (DESIGN section 5), with /docs examples.
+"""Request and response models of the HTTP API (docs/design.md §5), with /docs examples.
 
 Integers are strict (a string "7" or a float 7.0 is a validation error, not a guess).
 Limits that depend on settings (candidates per request, events per call) are checked

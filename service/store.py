@@ -1,4 +1,4 @@
-"""User sequences and cached user states in Redis (layout: DESIGN section 4, docs/service.md).
+"""User sequences and cached user states in Redis (layout: docs/design.md §4, docs/service.md).
 
     ifa:seq:{<user>}                   string: append-only 32-byte event records
     ifa:state:{<user>}:<model_version> string: serialised UserState (n, t_ref inside)

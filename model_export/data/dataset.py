@@ -5,7 +5,7 @@ after the last request it needs) and the user's requests in one split; request r
 `ev[:req_prefix[r]]`, every behaviour strictly before it whatever split that behaviour's
 request belongs to (history is history; only the *requests* are split).
 
-Candidate sets, as served (DESIGN section 2):
+Candidate sets, as served (docs/design.md §2):
 
 * the request's logged rows (exposed=True, their labels), then implicit negatives:
   distinct unexposed items drawn uniformly from the item table (exposed=False, label 0)

@@ -2,7 +2,7 @@
 
 Serving scores whole sets of a fixed size, and the logged part of a request is usually
 smaller; training and evaluation fill the rest with items the user was not shown,
-labelled 0 (DESIGN section 2, training-inference consistency). They are drawn uniformly
+labelled 0 (docs/design.md §2, training-inference consistency). They are drawn uniformly
 from the item table, distinct, and never one of the request's logged items, so an
 exposed item never appears again as a negative in the same set.
 """

@@ -6,7 +6,7 @@ exported model gets events and /rank traffic (ok and degraded answers), then its
 
 * every metric name the Grafana dashboard and the alert rules use
   (`collect_metric_names()`; histograms as `_bucket`/`_sum`/`_count`);
-* every DESIGN.md section 7 metric with its type, its labels and the contract's label
+* every docs/design.md §7 metric with its type, its labels and the contract's label
   values (`outcome`, `stage`, `result`, and the documented degraded `reason`s);
 * every label value the rules and dashboard select on (`reason=~"stale_state|..."`).
 """
@@ -128,7 +128,7 @@ def test_live_metrics_cover_dashboard_rules_and_contract(
     ]
     assert not missing, f"used by deploy/ but not in the live /metrics: {missing}"
 
-    # 2. The DESIGN section 7 contract: names, types, labels, label values.
+    # 2. The docs/design.md §7 contract: names, types, labels, label values.
     for name, kind in CONTRACT.items():
         family = name.removesuffix("_total") if kind == "counter" else name
         assert types.get(family) == kind, f"{name}: type {types.get(family)!r}, want {kind}"

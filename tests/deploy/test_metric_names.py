@@ -1,4 +1,4 @@
-"""Every metric the dashboard and the rules use is in the metrics contract (DESIGN.md §7).
+"""Every metric the dashboard and the rules use is in the metrics contract (docs/design.md §7).
 
 `collect_metric_names()` is meant for reuse: the live check (names against a running
 service's /metrics) compares the same set with what the service exports.
@@ -13,7 +13,7 @@ from pathlib import Path
 from .conftest import DEPLOY, load_yaml_docs
 from .test_deploy_prometheus import DASHBOARDS, RULES, dashboard_exprs
 
-# DESIGN.md section 7: name -> type. Names and labels are a contract.
+# docs/design.md §7: name -> type. Names and labels are a contract.
 CONTRACT: dict[str, str] = {
     "ifa_rank_request_duration_seconds": "histogram",
     "ifa_rank_stage_duration_seconds": "histogram",
@@ -122,7 +122,7 @@ def test_parser_sees_the_names() -> None:
     }
 
 
-# Exported by the service beyond DESIGN section 7 (docs/service.md lists them); rules may use
+# Exported by the service beyond docs/design.md §7 (docs/service.md lists them); rules may use
 # them where the contract's metrics cannot say it (5xx by HTTP code: outcome="error" also
 # counts client 4xx).
 EXTRAS: dict[str, str] = {"ifa_http_responses_total": "counter"}
@@ -132,7 +132,7 @@ def test_every_used_metric_is_in_the_contract() -> None:
     used = collect_metric_names()
     assert used, "no metric names found"
     unknown = used - set(CONTRACT) - set(EXTRAS)
-    assert not unknown, f"metrics used by deploy/ but not in DESIGN §7: {sorted(unknown)}"
+    assert not unknown, f"metrics used by deploy/ but not in docs/design.md §7: {sorted(unknown)}"
 
 
 def test_dashboard_covers_the_contract() -> None:

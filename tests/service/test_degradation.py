@@ -1,4 +1,4 @@
-"""The degradation ladder (DESIGN section 6) with a real Redis that is stopped, hung, restarted."""
+"""The degradation ladder (docs/design.md §6) with a real Redis that is stopped, hung, restarted."""
 
 from __future__ import annotations
 
