@@ -24,9 +24,9 @@ import torch
 from tqdm import tqdm
 
 from model_export.batch import UserBatch
+from model_export.checkpoint import load_model
 from model_export.metrics import MetricAccumulator
-from model_export.model import RankModel, build_model
-from model_export.model.config import ModelConfig
+from model_export.model import RankModel
 from model_export.presets import TrainConfig
 
 PREDICTION_COLUMNS = ("request_id", "item_id", "label", "score")
@@ -105,19 +105,10 @@ def write_predictions(
     return int(cand.size)
 
 
-def load_checkpoint(path: Path) -> tuple[RankModel, dict[str, Any]]:
-    """Weights-only load: a checkpoint can never run code."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(ModelConfig.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model, ckpt
-
-
 def main(args: argparse.Namespace) -> int:
     from model_export.data_source import load_dataset
 
-    model, ckpt = load_checkpoint(Path(args.checkpoint))
+    model, ckpt = load_model(args.checkpoint)
     tc = TrainConfig(**ckpt["train_config"])
     dataset = load_dataset(args.data, model.cfg, tc, preset=None)
     result = evaluate_split(model, dataset, args.split)

@@ -1,12 +1,8 @@
 """Checkpoint -> servable artifact: `artifacts/<version>/{state,scorer}.onnx, items.npz,
 manifest.json`, then `artifacts/latest`.
 
-Two graphs because the user state is built once and folded incrementally:
-
-    state.onnx   item, category, action, ts (N,) int64      -> S (H,F,D), z (H,F), m (H,), t_ref ()
-    scorer.onnx  S, z, m, n, item, category, mask (B,M)     -> logits (B,M)
-
-Graphs take bucket indices (ifa_common.hashing runs outside them). The export is
+Two graphs because the user state is built once and folded incrementally; their files
+and signatures are the contract in `ifa_common/graphs.py`. Graphs take bucket indices (ifa_common.hashing runs outside them). The export is
 written into a hidden temporary directory, loaded back through the serving runtime and
 compared with PyTorch; only an artifact that passes is renamed into place and named
 by `latest`.
@@ -32,6 +28,15 @@ import torch
 from torch import nn
 
 from ifa_common import hashing
+from ifa_common.graphs import (
+    ITEMS_FILE,
+    SCORER_FILE,
+    SCORER_INPUTS,
+    SCORER_OUTPUTS,
+    STATE_FILE,
+    STATE_INPUTS,
+    STATE_OUTPUTS,
+)
 from ifa_common.manifest import (
     LATEST_NAME,
     MANIFEST_FORMAT,
@@ -42,6 +47,7 @@ from ifa_common.manifest import (
 )
 from ifa_common.records import make_events
 
+from .checkpoint import CheckpointError, model_from, read_checkpoint
 from .model.config import ModelConfig
 from .model.ifa import IFAModel
 from .serving_score import serving_scorer_graph
@@ -51,11 +57,8 @@ log = logging.getLogger(__name__)
 
 OPSET: Final = 20
 PARITY_ATOL: Final = 1e-4
-STATE_FILE: Final = "state.onnx"
-SCORER_FILE: Final = "scorer.onnx"
-ITEMS_FILE: Final = "items.npz"
-STATE_IO: Final = (("item", "category", "action", "ts"), ("S", "z", "m", "t_ref"))
-SCORER_IO: Final = (("S", "z", "m", "n", "item", "category", "mask"), ("logits",))
+STATE_IO: Final = (STATE_INPUTS, STATE_OUTPUTS)
+SCORER_IO: Final = (SCORER_INPUTS, SCORER_OUTPUTS)
 
 
 class ExportError(RuntimeError):
@@ -97,43 +100,22 @@ class ScorerGraph(nn.Module):
         return logits
 
 
-# ---------------------------------------------------------------------- checkpoint
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a training checkpoint safely (weights_only: tensors and primitives only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle of arbitrary objects is refused by design
-        raise ExportError(
-            f"{path} is not a loadable checkpoint with weights_only=True ({e}); a checkpoint "
-            "must hold only tensors, numbers, strings, lists and dicts"
-        ) from e
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
-        raise ExportError(f"{path}: expected a dict with 'config' and 'state_dict'")
-    return ckpt
-
-
 def export_checkpoint(
     checkpoint_path: str | Path, out_dir: str | Path, version: str | None = None
 ) -> Path:
     """Export an `ifa` checkpoint to `out_dir/<version>/`; returns that directory."""
-    ckpt = load_checkpoint(checkpoint_path)
-    model_type = str(ckpt.get("model", ckpt["config"].get("model")))
-    if model_type != "ifa" or ckpt["config"].get("model", "ifa") != "ifa":
-        raise ExportError(
-            f"only 'ifa' models can be exported for serving; {checkpoint_path} holds a "
-            f"{model_type!r} model (baselines are for offline comparison only)"
-        )
-    cfg = ModelConfig.from_dict(dict(ckpt["config"]))
-    from .model import build_model
-
-    model = build_model(cfg)
     try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise ExportError(f"{checkpoint_path}: weights do not fit the stored config: {e}") from e
+        ckpt = read_checkpoint(checkpoint_path)
+        model_type = str(ckpt.get("model", ckpt["config"].get("model")))
+        if model_type != "ifa" or ckpt["config"].get("model", "ifa") != "ifa":
+            raise ExportError(
+                f"only 'ifa' models can be exported for serving; {checkpoint_path} holds a "
+                f"{model_type!r} model (baselines are for offline comparison only)"
+            )
+        model = model_from(ckpt, checkpoint_path)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
+    cfg = model.cfg
     table = ckpt.get("item_table") or {}
     item_table = (
         _as_int64(table.get("item_id", np.zeros(0, np.int64))),

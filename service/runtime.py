@@ -24,6 +24,15 @@ import numpy as np
 import onnxruntime as ort
 
 from ifa_common import hashing
+from ifa_common.graphs import (
+    ITEMS_FILE,
+    SCORER_FILE,
+    SCORER_INPUTS,
+    SCORER_OUTPUTS,
+    STATE_FILE,
+    STATE_INPUTS,
+    STATE_OUTPUTS,
+)
 from ifa_common.manifest import (
     ArtifactError,
     ArtifactWrongModel,
@@ -36,13 +45,6 @@ from ifa_common.state import UserState, deserialize, fold, serialize
 
 log = logging.getLogger(__name__)
 
-STATE_GRAPH: Final = "state.onnx"
-SCORER_GRAPH: Final = "scorer.onnx"
-ITEMS_FILE: Final = "items.npz"
-STATE_INPUTS: Final = ("item", "category", "action", "ts")
-STATE_OUTPUTS: Final = ("S", "z", "m", "t_ref")
-SCORER_INPUTS: Final = ("S", "z", "m", "n", "item", "category", "mask")
-SCORER_OUTPUTS: Final = ("logits",)
 # Events per state.onnx call; longer histories are built chunk by chunk and folded, which
 # keeps the graph's intermediates bounded (~10 arrays of N x H x F floats: 21 MB at
 # 16k events, default dims) at no measurable cost (measured: 16k..128k chunks all ~80 ms
@@ -132,17 +134,17 @@ class ModelRuntime:
         for key in ("version", "dims", "graphs", "files"):
             if key not in manifest:
                 raise ArtifactError(f"{version_dir}: manifest lacks {key!r}")
-        for name in (STATE_GRAPH, SCORER_GRAPH, ITEMS_FILE):
+        for name in (STATE_FILE, SCORER_FILE, ITEMS_FILE):
             if name not in manifest["files"]:
                 raise ArtifactError(f"{version_dir}: manifest does not list {name}")
         options = session_options(intra_op_threads, allow_spinning)
         providers = (
             [_CUDA, _CPU] if prefer_cuda and _CUDA in ort.get_available_providers() else [_CPU]
         )
-        state = _session(version_dir / STATE_GRAPH, options, providers)
-        scorer = _session(version_dir / SCORER_GRAPH, options, providers)
-        _check_io(state, STATE_INPUTS, STATE_OUTPUTS, STATE_GRAPH)
-        _check_io(scorer, SCORER_INPUTS, SCORER_OUTPUTS, SCORER_GRAPH)
+        state = _session(version_dir / STATE_FILE, options, providers)
+        scorer = _session(version_dir / SCORER_FILE, options, providers)
+        _check_io(state, STATE_INPUTS, STATE_OUTPUTS, STATE_FILE)
+        _check_io(scorer, SCORER_INPUTS, SCORER_OUTPUTS, SCORER_FILE)
         item_ids, item_categories = _load_items(version_dir / ITEMS_FILE)
         rt = cls(
             version_dir=version_dir,

@@ -1,6 +1,7 @@
 """The IFA graphs export with torch.onnx (dynamo) and keep N, M and B dynamic in ONNX Runtime.
 
-The real exporter lives in model_export/export.py; this only proves the model code exports.
+The real exporter lives in model_export/export.py; this proves the model code exports through
+its graph wrappers with the contract's names (ifa_common/graphs.py) and stays dynamic.
 """
 
 from __future__ import annotations
@@ -13,31 +14,12 @@ import pytest
 import torch
 from factories import random_events, tiny_config
 
+from ifa_common.graphs import SCORER_INPUTS, SCORER_OUTPUTS, STATE_INPUTS, STATE_OUTPUTS
+from model_export.export import ScorerGraph, StateGraph
 from model_export.model import IFAModel, build_model
 
-STATE_IN = ["item", "category", "action", "ts"]
-SCORE_IN = ["S", "z", "m", "n", "item", "category", "mask"]
-
-
-class _State(torch.nn.Module):
-    def __init__(self, model: IFAModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, item: torch.Tensor, cat: torch.Tensor, action: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        return self.model.build_state(item, cat, action, ts)
-
-
-class _Scorer(torch.nn.Module):
-    def __init__(self, model: IFAModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, S: torch.Tensor, z: torch.Tensor, m: torch.Tensor, n: torch.Tensor,
-        item: torch.Tensor, category: torch.Tensor, mask: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
-        return self.model.score(S, z, m, n, item, category, mask)
+STATE_IN = list(STATE_INPUTS)
+SCORE_IN = list(SCORER_INPUTS)
 
 
 @pytest.mark.slow
@@ -51,8 +33,8 @@ def test_state_and_scorer_export_with_dynamic_axes(tmp_path: Path) -> None:
 
     state_path = tmp_path / "state.onnx"
     program = torch.onnx.export(
-        _State(model).eval(), random_events(9, cfg), dynamo=True,
-        input_names=STATE_IN, output_names=["S", "z", "m", "t_ref"],
+        StateGraph(model).eval(), random_events(9, cfg), dynamo=True,
+        input_names=STATE_IN, output_names=list(STATE_OUTPUTS),
         dynamic_shapes=tuple({0: n_dim} for _ in STATE_IN),
     )  # fmt: skip
     assert program is not None
@@ -84,8 +66,8 @@ def test_state_and_scorer_export_with_dynamic_axes(tmp_path: Path) -> None:
     scorer_path = tmp_path / "scorer.onnx"
     batch_axes = [{0: b_dim}] * 4 + [{0: b_dim, 1: m_dim}] * 3
     program = torch.onnx.export(
-        _Scorer(model).eval(), score_args(2, 5, 0), dynamo=True,
-        input_names=SCORE_IN, output_names=["logits"], dynamic_shapes=tuple(batch_axes),
+        ScorerGraph(model).eval(), score_args(2, 5, 0), dynamo=True,
+        input_names=SCORE_IN, output_names=list(SCORER_OUTPUTS), dynamic_shapes=tuple(batch_axes),
     )  # fmt: skip
     assert program is not None
     program.save(str(scorer_path))
