@@ -1,7 +1,10 @@
-"""A real service process for benchmarks and load tests: its own Redis, uvicorn, readiness.
+"""A real service process for benchmarks, load tests and the end-to-end tests: its own
+Redis (or a given one), uvicorn, readiness, a graceful stop. The one launcher.
 
     with LocalService(artifacts_dir="artifacts", log_path=Path("reports/server.log")) as svc:
         svc.redis_url, svc.base_url, svc.pid, svc.settings_env
+    svc = LocalService(env=..., redis_url=..., log_path=..., log_level="info").start()
+    clean = svc.stop()  # SIGTERM; True when uvicorn shut down gracefully
 
 The Redis is a throwaway `redis-server` on a free port (no persistence), started with the
 service's own helper (`service.embedded_redis.RedisServer`); the service is
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,7 +41,7 @@ TUNED_ENV: dict[str, str] = {
 }
 
 
-def uvicorn_command(host: str, port: int) -> list[str]:
+def uvicorn_command(host: str, port: int, log_level: str = "warning") -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -54,7 +58,7 @@ def uvicorn_command(host: str, port: int) -> list[str]:
         "httptools",
         "--no-access-log",
         "--log-level",
-        "warning",
+        log_level,
         "--timeout-keep-alive",
         "60",
     ]
@@ -84,6 +88,8 @@ class LocalService:
         redis_url: str | None = None,
         ready_timeout_s: float = 180.0,
         cwd: str | Path | None = None,
+        log_level: str = "warning",
+        stop_timeout_s: float = 15.0,
     ) -> None:
         self.artifacts_dir = Path(artifacts_dir) if artifacts_dir else None
         self.log_path = log_path
@@ -91,6 +97,8 @@ class LocalService:
         self.redis_url = redis_url
         self.ready_timeout_s = ready_timeout_s
         self.cwd = cwd  # where `service` is imported from (A/B runs of a patched copy)
+        self.log_level = log_level  # uvicorn's own (info shows the shutdown sequence)
+        self.stop_timeout_s = stop_timeout_s
         self.port = 0
         self.host = "127.0.0.1"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -126,18 +134,18 @@ class LocalService:
         env = {k: v for k, v in os.environ.items() if not k.startswith("IFA_")}
         settings = dict(TUNED_ENV)
         settings.update({k: v for k, v in os.environ.items() if k.startswith("IFA_")})
+        settings.pop("IFA_ADMIN_TOKEN", None)  # never inherited; a caller may pass one
         settings.update(self.extra_env)
         settings["IFA_REDIS_URL"] = redis_url
         if self.artifacts_dir is not None:
             settings["IFA_ARTIFACTS_DIR"] = str(self.artifacts_dir.resolve())
-        settings.pop("IFA_ADMIN_TOKEN", None)
         self.settings_env = dict(sorted(settings.items()))
         env.update(settings)
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            uvicorn_command(self.host, self.port),
+            uvicorn_command(self.host, self.port, self.log_level),
             env=env,
             cwd=self.cwd,
             stdin=subprocess.DEVNULL,
@@ -164,15 +172,25 @@ class LocalService:
         self.stop()
         raise RuntimeError(f"service not ready after {self.ready_timeout_s}s: {last}")
 
-    def stop(self) -> None:
+    def start(self) -> LocalService:
+        """Start Redis (unless given) and the service, wait for /readyz; returns self."""
+        self.start_service()
+        return self
+
+    def stop(self) -> bool:
+        """SIGTERM: drain, flush states, close. True when the service shut down cleanly
+        (uvicorn re-raises the signal after a graceful shutdown, so -SIGTERM counts)."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
+        clean = True
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
             try:
-                proc.wait(15)
+                clean = proc.wait(self.stop_timeout_s) in (0, -signal.SIGTERM)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+                clean = False
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -182,6 +200,11 @@ class LocalService:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+        return clean
+
+    def log(self) -> str:
+        """The service's output so far ('' without a log file)."""
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
 
     def __enter__(self) -> LocalService:
         try:

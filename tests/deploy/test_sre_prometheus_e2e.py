@@ -27,7 +27,7 @@ import httpx
 import pytest
 import yaml
 from e2e.uvicorn_proc import Service, service_env
-from svc_helpers import seed_sequence
+from svc_helpers import seed_sequence, wait_until
 
 from service.embedded_redis import free_port
 
@@ -71,19 +71,10 @@ def prometheus_binary() -> str:
 def wait_for(
     what: str, predicate: Callable[[], Any], timeout_s: float, log: Callable[[], str]
 ) -> Any:
-    """Poll until predicate() is truthy; the limit bounds a hang, it is not a speed check."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except (httpx.TransportError, httpx.HTTPStatusError) as e:
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(0.25)
-    raise AssertionError(f"{what}: not reached in {timeout_s:.0f} s (last: {last!r})\n{log()}")
+    """wait_until with HTTP errors counted as "not yet" and the logs on a timeout."""
+    return wait_until(
+        predicate, timeout_s, 0.25, what=what, tolerate=(httpx.HTTPError,), detail=log
+    )
 
 
 class Prometheus:
@@ -211,7 +202,7 @@ def test_prometheus_scrapes_the_service_and_evaluates_the_rules(
     (tmp_path / "prometheus").mkdir()
     prom = Prometheus(tmp_path / "prometheus", target)
     stop = threading.Event()
-    traffic = Traffic(service.url)
+    traffic = Traffic(service.base_url)
     bg = threading.Thread(target=traffic.background, args=(stop,), daemon=True)
     try:
         prom.start(prometheus_bin)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from e2e.uvicorn_proc import Service, service_env
+from svc_helpers import wait_until
 
 from service.embedded_redis import RedisServer
 
@@ -43,7 +43,7 @@ def by_item(resp: dict[str, Any]) -> list[float]:
 
 
 def test_contract_over_http(service: Service) -> None:
-    with httpx.Client(base_url=service.url, timeout=30) as c:
+    with httpx.Client(base_url=service.base_url, timeout=30) as c:
         assert c.get("/healthz").json() == {"status": "ok"}
         r = c.post(
             "/events", json={"user_id": "e2e-u1", "events": events(20, 1), "idempotency_key": "b1"}
@@ -105,7 +105,7 @@ def test_garbage_never_5xx(service: Service) -> None:
         b'{"user_id": "\\u0000", "candidates": [1]}',
         b'{"user_id": "u", "events": [{"item_id": 1, "ts": 1, "category": null, "action": null}]}',
     ]
-    with httpx.Client(base_url=service.url, timeout=30) as c:
+    with httpx.Client(base_url=service.base_url, timeout=30) as c:
         for body in bodies:
             for path in ("/rank", "/events", "/admin/reload"):
                 r = c.post(path, content=body, headers={"content-type": "application/json"})
@@ -123,7 +123,7 @@ def test_incremental_equals_fresh_across_a_process_restart(
     cands = list(range(0, 90, 3))
     svc = Service(service_env(redis_server.url, tiny_artifacts), tmp_path / "svc.log").start()
     try:
-        with httpx.Client(base_url=svc.url, timeout=30) as c:
+        with httpx.Client(base_url=svc.base_url, timeout=30) as c:
             c.post("/events", json={"user_id": "inc-A", "events": e1})
             c.post("/rank", json={"user_id": "inc-A", "candidates": cands})
             c.post("/events", json={"user_id": "inc-A", "events": e2})
@@ -135,7 +135,7 @@ def test_incremental_equals_fresh_across_a_process_restart(
     np.testing.assert_allclose(by_item(ra), by_item(rb), atol=1e-4)
     svc.start()  # a fresh process: the in-process cache is empty, Redis holds the states
     try:
-        with httpx.Client(base_url=svc.url, timeout=30) as c:
+        with httpx.Client(base_url=svc.base_url, timeout=30) as c:
             ra2 = c.post("/rank", json={"user_id": "inc-A", "candidates": cands}).json()
             rb2 = c.post("/rank", json={"user_id": "inc-B", "candidates": cands}).json()
             text = c.get("/metrics").text
@@ -155,7 +155,7 @@ def test_redis_killed_and_restarted_under_load(
     stop = threading.Event()
 
     def load(worker: int) -> None:
-        with httpx.Client(base_url=svc.url, timeout=30) as c:
+        with httpx.Client(base_url=svc.base_url, timeout=30) as c:
             i = 0
             while not stop.is_set():
                 u = f"load-{worker}-{i % 5}"
@@ -166,7 +166,7 @@ def test_redis_killed_and_restarted_under_load(
                 i += 1
 
     try:
-        with httpx.Client(base_url=svc.url, timeout=30) as c:
+        with httpx.Client(base_url=svc.base_url, timeout=30) as c:
             for w in range(3):
                 for j in range(5):
                     c.post(
@@ -176,12 +176,12 @@ def test_redis_killed_and_restarted_under_load(
         threads = [threading.Thread(target=load, args=(w,)) for w in range(3)]
         for t in threads:
             t.start()
-        _wait(lambda: len(statuses) >= 30)
+        wait_until(lambda: len(statuses) >= 30, 60)
         private_redis.kill()  # a crash, under load
-        _wait(lambda: degraded.count("stale_state") + degraded.count("no_history") >= 20)
+        wait_until(lambda: degraded.count("stale_state") + degraded.count("no_history") >= 20, 60)
         private_redis.start()
         mark = len(degraded)
-        _wait(lambda: degraded[mark:].count(None) >= 30)
+        wait_until(lambda: degraded[mark:].count(None) >= 30, 60)
         stop.set()
         for t in threads:
             t.join()
@@ -189,13 +189,6 @@ def test_redis_killed_and_restarted_under_load(
         stop.set()
         svc.stop()
     assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
-
-
-def _wait(pred: Any, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def test_serve_refuses_several_workers(capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +66,31 @@ def seed_sequence(url: str, user_id: str, n: int, seed: int = 0) -> None:
         client.append(seq_key(user_id), pack(events))
 
 
-def wait_until(predicate: Any, timeout_s: float = 30.0, interval_s: float = 0.05) -> Any:
-    """Poll until predicate() is truthy; generous limit, it bounds a hang, not a speed."""
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout_s: float = 30.0,
+    interval_s: float = 0.05,
+    *,
+    what: str = "condition",
+    tolerate: tuple[type[BaseException], ...] = (),
+    detail: Callable[[], str] | None = None,
+) -> Any:
+    """Poll until predicate() is truthy and return its value: the one wait helper of the
+    tests. The limit bounds a hang, it is not a speed check. Exceptions in `tolerate` count
+    as "not yet"; on timeout the last value (or exception) and `detail()` are reported."""
     deadline = time.monotonic() + timeout_s
+    last: Any = None
     while True:
-        value = predicate()
-        if value:
-            return value
+        try:
+            last = predicate()
+        except tolerate as e:
+            last = e
+        else:
+            if last:
+                return last
         if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
+            extra = f"\n{detail()}" if detail is not None else ""
+            raise AssertionError(f"{what}: not reached in {timeout_s:g} s (last: {last!r}){extra}")
         time.sleep(interval_s)
 
 
