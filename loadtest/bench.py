@@ -172,7 +172,7 @@ def inprocess_scorer(artifacts: str, m: int, items: int) -> Callable[[], float]:
     calls at M = m, fresh candidates each): the overhead ratio's denominator, taken
     between the HTTP runs so that it sees the machine in the same state as they do."""
     from loadtest.microbench import _events
-    from service.runtime import ModelRuntime
+    from service.engine.runtime import ModelRuntime
 
     rt = ModelRuntime.load(artifacts, None, intra_op_threads=1, prefer_cuda=False)
     state = rt.build_state(_events(1_000))

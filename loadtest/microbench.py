@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ifa_common.records import make_events
-from service.runtime import ModelRuntime
+from service.engine.runtime import ModelRuntime
 
 BUILD_SIZES = (1_000, 10_000, 100_000)
 SCORE_SIZES = (100, 500, 1_000)

@@ -184,7 +184,7 @@ def markdown(rep: dict[str, Any]) -> str:
                 f"Where a warm /rank's time goes (means over the c=1 runs; the service's own "
                 f"histograms): client {_fmt(split['client_mean'])} ms = inside the app "
                 f"{_fmt(split['app_mean'])} ms ({stages}, other {_fmt(split['app_other'])}: "
-                f"body read and validation, routing, ranker) + outside it "
+                f"body read and validation, routing, the rank use case) + outside it "
                 f"{_fmt(split['outside_app'])} ms (HTTP on loopback; a whole /healthz takes "
                 f"{_fmt(split['healthz_mean'])} ms).",
             ]

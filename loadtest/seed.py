@@ -3,7 +3,7 @@
 Two paths:
 
 * direct (default): pipelined `APPEND`s of packed 32-byte records
-  (`ifa_common.records.pack`) to the store's own keys (`service.store.seq_key`), many
+  (`ifa_common.records.pack`) to the store's own keys (`service.store.redis_store.seq_key`), many
   users per pipeline (about 8 MiB per round trip). This is the same command the
   service's `/events` runs without an idempotency key. 10,000 users x 1,000 events or
   10 users x 100,000 events take seconds.
@@ -53,14 +53,14 @@ MOVIELENS_DEFAULT: Final = Path("data/ml-100k/ml100k.parquet")
 
 def seq_key(user: str) -> str:
     """The store's key of a user's sequence (imported lazily: the store owns the layout)."""
-    from service.store import seq_key as store_seq_key
+    from service.store.redis_store import seq_key as store_seq_key
 
     return store_seq_key(user)
 
 
 def state_pattern(user: str) -> str:
     """Glob of every cached state of a user, all model versions."""
-    from service.store import state_key
+    from service.store.redis_store import state_key
 
     return state_key(user, "*")
 

@@ -117,7 +117,7 @@ class LocalService:
         return self.proc.pid
 
     def start_redis(self) -> str:
-        from service.embedded_redis import RedisServer, free_port
+        from service.store.embedded_redis import RedisServer, free_port
 
         if self.redis_url is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="ifa-bench-redis-")
@@ -127,7 +127,7 @@ class LocalService:
         return self.redis_url
 
     def start_service(self) -> None:
-        from service.embedded_redis import free_port
+        from service.store.embedded_redis import free_port
 
         redis_url = self.start_redis()
         self.port = free_port()

@@ -72,7 +72,7 @@ def versions() -> dict[str, Any]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[name] = importlib.metadata.version(name)
     with contextlib.suppress(Exception):
-        from service.embedded_redis import find_redis_server
+        from service.store.embedded_redis import find_redis_server
 
         proc = subprocess.run(
             [find_redis_server(), "--version"], capture_output=True, text=True, timeout=10

@@ -442,7 +442,7 @@ def verify_export(model: nn.Module, cfg: ModelConfig, version_dir: Path, seed: i
     """Load the export through the serving runtime and compare with PyTorch on random
     histories and candidate sets (sizes not used at export time, N = 0 included).
     Raises ExportError above PARITY_ATOL; returns the max absolute logit difference."""
-    from service.runtime import ModelRuntime
+    from service.engine.runtime import ModelRuntime
 
     rt = ModelRuntime.load_dir(version_dir, prefer_cuda=False)
     rng = np.random.default_rng(seed)

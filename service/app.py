@@ -16,15 +16,23 @@ from functools import partial
 
 from fastapi import FastAPI
 
-from .embedded_redis import RedisServer, supervise
-from .inference import InferencePool, Runtime
-from .metrics import Metrics
-from .ranker import Ranker
-from .router import router
-from .settings import Settings
-from .state_cache import StateWriteBack
-from .store import RedisSequenceStore, make_client
-from .web import BodyLimitMiddleware, RequestMetricsMiddleware, install_error_handlers
+from service.engine.inference import InferencePool, Runtime
+from service.engine.registry import ModelRegistry
+from service.engine.state_cache import StateWriteBack
+from service.engine.state_resolver import StateResolver
+from service.http.middleware import (
+    BodyLimitMiddleware,
+    RequestMetricsMiddleware,
+    install_error_handlers,
+)
+from service.http.routes import router
+from service.metrics import Metrics
+from service.settings import Settings
+from service.store.embedded_redis import RedisServer, supervise
+from service.store.redis_store import RedisSequenceStore, make_client
+from service.usecases.admin import AdminUseCase
+from service.usecases.events import EventsUseCase
+from service.usecases.rank import RankUseCase
 
 log = logging.getLogger("service")
 
@@ -33,7 +41,7 @@ DRAIN_TIMEOUT_S = 5.0
 
 def load_runtime(settings: Settings, version: str | None) -> tuple[Runtime, dict[str, float]]:
     """Blocking: load + verify (sha256) + warm one artifact version. Runs in a thread."""
-    from .runtime import ModelRuntime  # onnxruntime is imported with the first model
+    from service.engine.runtime import ModelRuntime  # onnxruntime is imported with the first model
 
     rt = ModelRuntime.load(
         settings.artifacts_dir,
@@ -84,25 +92,17 @@ def create_app(settings: Settings) -> FastAPI:
         pool = InferencePool(settings.infer_workers)
         writeback = StateWriteBack(store, max_pending=settings.state_cache_size)
         writeback.start()
-        ranker = Ranker(
-            settings=settings,
-            store=store,
-            metrics=metrics,
-            pool=pool,
-            writeback=writeback,
-            loader=partial(load_runtime, settings),
-        )
-        app.state.ranker = ranker
-        try:
-            await ranker.load(settings.model_version)
-        except Exception as e:  # stay up, not ready; /readyz and the log say why
-            ranker.load_error = f"{type(e).__name__}: {e}"
-            log.error("no model loaded: %s", ranker.load_error)
+        registry = ModelRegistry(settings, metrics, partial(load_runtime, settings))
+        states = StateResolver(settings, store, metrics, pool, writeback)
+        app.state.rank = RankUseCase(settings, metrics, pool, registry, states)
+        app.state.events = EventsUseCase(store, metrics)
+        app.state.admin = AdminUseCase(registry, store)
+        await registry.load_at_start(settings.model_version)
         try:
             yield
         finally:
             app.state.shutting_down = True
-            await ranker.drain(DRAIN_TIMEOUT_S)
+            await states.drain(DRAIN_TIMEOUT_S)
             await writeback.close(DRAIN_TIMEOUT_S)
             await pool.shutdown()
             await client.aclose()

@@ -26,7 +26,7 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from .settings import Settings
+    from service.settings import Settings
 
     try:
         settings = Settings()  # fail here, with the field named, not inside uvicorn

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.embedded_redis import RedisServer, free_port
+from service.store.embedded_redis import RedisServer, free_port
 
 TINY_ITEMS = 50
 
@@ -92,7 +92,7 @@ def _tiny_model_key() -> str:
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256(Path(__file__).read_bytes())
     paths = [root / "model_export" / "export.py", root / "model_export" / "batch.py"]
-    for pkg in ("model_export/model", "ifa_common", "service/runtime.py"):
+    for pkg in ("model_export/model", "ifa_common", "service/engine/runtime.py"):
         p = root / pkg
         paths += sorted(p.rglob("*.py")) if p.is_dir() else [p]
     for path in paths:

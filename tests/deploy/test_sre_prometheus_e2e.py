@@ -29,7 +29,7 @@ import yaml
 from e2e.uvicorn_proc import Service, service_env
 from svc_helpers import seed_sequence, wait_until
 
-from service.embedded_redis import free_port
+from service.store.embedded_redis import free_port
 
 from .conftest import load_yaml_docs
 from .test_deploy_prometheus import PROM, RULES

@@ -13,7 +13,7 @@ import pytest
 from e2e.uvicorn_proc import Service, service_env
 from svc_helpers import wait_until
 
-from service.embedded_redis import RedisServer
+from service.store.embedded_redis import RedisServer
 
 T0 = 1_700_000_000
 

@@ -11,7 +11,7 @@ import redis
 from ifa_common.cli import build_parser
 from ifa_common.records import RECORD_SIZE, unpack
 from loadtest import seed
-from service.store import seq_key, state_key
+from service.store.redis_store import seq_key, state_key
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from ifa_common.records import make_events  # noqa: E402
 from model_export import commands  # noqa: E402
 from model_export.export import ExportError, export_checkpoint  # noqa: E402
 from model_export.model import build_model, default_config  # noqa: E402
-from service.runtime import ModelRuntime  # noqa: E402
+from service.engine.runtime import ModelRuntime  # noqa: E402
 
 T0 = 1_700_000_000
 ITEM_IDS = np.arange(10, 2010, 2, dtype=np.int64)

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ifa_common.records import make_events, pack
 from service.settings import Settings
-from service.store import seq_key
+from service.store.redis_store import seq_key
 
 T0 = 1_700_000_000
 

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from svc_helpers import make_settings, metric_value, random_events, seed_sequence, user, wait_until
 
 from service.app import create_app
-from service.embedded_redis import RedisServer
+from service.store.embedded_redis import RedisServer
 
 CANDS = [1, 5, 9, 13, 60, 61]
 
@@ -131,11 +131,11 @@ def test_concurrent_cold_requests_share_one_build(redis_url: str, tiny_artifacts
 def test_overload_is_503_with_retry_after_at_once(redis_url: str, tiny_artifacts: Path) -> None:
     settings = make_settings(redis_url, tiny_artifacts, max_inflight=2)
     with TestClient(create_app(settings)) as client:
-        ranker = client.app.state.ranker  # type: ignore[attr-defined]
-        ranker.inflight = 2  # two requests are being served
+        rank = client.app.state.rank  # type: ignore[attr-defined]
+        rank.inflight = 2  # two requests are being served
         r = client.post("/rank", json={"user_id": "u", "candidates": CANDS})
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
-        ranker.inflight = 0
+        rank.inflight = 0
         assert client.post("/rank", json={"user_id": "u", "candidates": CANDS}).status_code == 200
         assert metric_value(client, "ifa_rank_degraded_total", reason="overloaded") == 1
         assert (

@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from svc_helpers import make_settings, metric_value, random_events, user, wait_until
 
 from service.app import create_app
-from service.embedded_redis import RedisServer
 from service.metrics import CONTRACT_METRICS
-from service.store import state_key
+from service.store.embedded_redis import RedisServer
+from service.store.redis_store import state_key
 
 TOKEN = "s3cret-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}

@@ -13,9 +13,9 @@ from svc_helpers import make_settings, metric_value, random_events, seed_sequenc
 
 from ifa_common.records import make_events, unpack
 from service.app import create_app
-from service.runtime import ModelRuntime
-from service.state_resolver import MIN_PARALLEL_PART
-from service.store import seq_key
+from service.engine.runtime import ModelRuntime
+from service.engine.state_resolver import MIN_PARALLEL_PART
+from service.store.redis_store import seq_key
 
 CANDIDATES = [3, 17, 42, 42, 99, 1000, 7, 0, 123456789, 2**62]
 

@@ -25,7 +25,7 @@ from ifa_common.manifest import (
 )
 from ifa_common.records import make_events
 from ifa_common.state import EMPTY_LOG_SCALE, StateVersionMismatch, UserState
-from service.runtime import ItemTable, ModelRuntime
+from service.engine.runtime import ItemTable, ModelRuntime
 
 torch = pytest.importorskip("torch")
 
@@ -285,7 +285,7 @@ def test_load_latest_providers_and_warmup(rt: ModelRuntime) -> None:
 
 def test_runtime_imports_without_torch() -> None:
     code = (
-        "import sys; sys.modules['torch'] = None; import service, service.runtime; "
+        "import sys; sys.modules['torch'] = None; import service, service.engine.runtime; "
         "bad = [m for m in ('torch', 'model_export', 'fastapi') if sys.modules.get(m) is not None]; "
         "assert not bad, bad"
     )

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ifa_common.state import UserState
-from service.state_cache import StateCache, StateWriteBack
-from service.store import StoreUnavailable
+from service.engine.state_cache import StateCache, StateWriteBack
+from service.store.redis_store import StoreUnavailable
 
 
 def state(n: int) -> UserState:

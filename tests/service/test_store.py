@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from ifa_common.records import RECORD_SIZE, make_events, pack, unpack
-from service.store import (
+from service.store.redis_store import (
     IdempotencyConflict,
     RedisSequenceStore,
     StoreUnavailable,
@@ -143,7 +143,7 @@ def test_concurrent_writers_lose_and_duplicate_nothing(redis_url: str) -> None:
 
 
 def test_unreachable_redis_is_store_unavailable() -> None:
-    from service.embedded_redis import free_port
+    from service.store.embedded_redis import free_port
 
     url = f"redis://127.0.0.1:{free_port()}/0"
 

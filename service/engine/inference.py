@@ -17,8 +17,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from ifa_common.state import UserState
-
-from .state_cache import StateCache
+from service.engine.state_cache import StateCache
 
 T = TypeVar("T")
 

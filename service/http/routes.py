@@ -1,4 +1,4 @@
-"""HTTP routes: parse, call the ranker, shape the answer. The logic lives in `ranker.py`."""
+"""HTTP routes: parse, call a use case (service/usecases/), shape the answer."""
 
 from __future__ import annotations
 
@@ -10,10 +10,23 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from ifa_common.manifest import ArtifactError, ArtifactMissing
-
-from .deps import AdminDep, MetricsDep, RankerDep, SettingsDep, get_ranker
-from .ranker import ModelNotReady, Overloaded
-from .schemas import (
+from service.engine.registry import ModelNotReady
+from service.http.deps import (
+    AdminDep,
+    AdminUseCaseDep,
+    EventsDep,
+    MetricsDep,
+    SettingsDep,
+    get_rank,
+)
+from service.http.middleware import (
+    JSONResponse,
+    error_response,
+    json_bytes,
+    parse_body,
+    validation_error,
+)
+from service.http.protocol import (
     ErrorBody,
     EventsRequest,
     EventsResponse,
@@ -21,10 +34,11 @@ from .schemas import (
     RankRequest,
     RankResponse,
     ReloadRequest,
+    rank_answer,
 )
-from .settings import Settings
-from .store import IdempotencyConflict, StoreUnavailable
-from .web import JSONResponse, error_response, json_bytes, parse_body, validation_error
+from service.settings import Settings
+from service.store.redis_store import IdempotencyConflict, StoreUnavailable
+from service.usecases.rank import Overloaded
 
 ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     413: {"model": ErrorBody, "description": "body larger than IFA_MAX_BODY_BYTES"},
@@ -58,7 +72,7 @@ async def rank(request: Request) -> Response:
     # The hot path reads the body itself (one pydantic-core pass, see parse_body) and
     # takes its objects from app.state: no dependency resolution per request.
     state = request.app.state
-    ranker = await get_ranker(request)
+    use_case = await get_rank(request)
     settings: Settings = state.settings
     body = parse_body(RankRequest, await request.body())
     if len(body.candidates) > settings.max_candidates:
@@ -66,13 +80,13 @@ async def rank(request: Request) -> Response:
             "candidates", f"at most {settings.max_candidates} candidates", "too_long"
         )
     try:
-        result = await ranker.rank(
+        result = await use_case.rank(
             body.user_id, body.candidates, body.top_k, body.budget_ms, body.request_id
         )
     except (Overloaded, ModelNotReady) as e:
         return _unavailable(str(e), e.retry_after_s)
     t = time.perf_counter()
-    payload = orjson.dumps(result.to_dict())
+    payload = orjson.dumps(rank_answer(result))
     state.metrics.stage_duration.labels("serialize").observe(time.perf_counter() - t)
     request.state.degraded = result.degraded
     return json_bytes(payload)
@@ -84,18 +98,18 @@ async def rank(request: Request) -> Response:
     responses={**ERRORS, 409: {"model": ErrorBody, "description": "idempotency key reused"}},
     summary="Append behaviour events to a user's sequence (idempotent with a key)",
 )
-async def events(body: EventsRequest, ranker: RankerDep, settings: SettingsDep) -> Response:
+async def events(body: EventsRequest, use_case: EventsDep, settings: SettingsDep) -> Response:
     if len(body.events) > settings.max_events_per_call:
         raise validation_error(
             "events", f"at most {settings.max_events_per_call} events per call", "too_long"
         )
     evs = body.events
     try:
-        result = await ranker.append_events(
+        result = await use_case.append(
             body.user_id,
             [e.item_id for e in evs],
             [e.ts for e in evs],
-            [-1 if e.category is None else e.category for e in evs],
+            [e.category for e in evs],
             [e.action for e in evs],
             body.idempotency_key,
         )
@@ -118,8 +132,8 @@ async def healthz() -> Response:
     summary="Readiness: a model is loaded and warm and Redis answers",
     responses={503: {"description": "not ready; `reason` says why"}},
 )
-async def readyz(request: Request, ranker: RankerDep) -> Response:
-    ready, info = await ranker.readiness()
+async def readyz(request: Request, admin: AdminUseCaseDep) -> Response:
+    ready, info = await admin.readiness()
     info["redis_mode"] = request.app.state.redis_mode
     if getattr(request.app.state, "shutting_down", False):
         ready = False
@@ -140,10 +154,11 @@ async def metrics_endpoint(metrics: MetricsDep) -> Response:
     responses={503: {"model": ErrorBody}},
     summary="The model being served",
 )
-async def model_info(ranker: RankerDep) -> Response:
-    slot = ranker.slot
-    if slot is None:
-        return _unavailable(ranker.load_error or "model not loaded", 5)
+async def model_info(admin: AdminUseCaseDep) -> Response:
+    try:
+        slot = admin.model()
+    except ModelNotReady as e:
+        return _unavailable(str(e), e.retry_after_s)
     rt = slot.runtime
     manifest = rt.manifest
     h, f, d = rt.dims
@@ -173,11 +188,12 @@ async def model_info(ranker: RankerDep) -> Response:
     },
     summary="Load, verify and warm another model version; swap it in atomically",
 )
-async def reload(_: AdminDep, ranker: RankerDep, body: ReloadRequest | None = None) -> Response:
+async def reload(
+    _: AdminDep, admin: AdminUseCaseDep, body: ReloadRequest | None = None
+) -> Response:
     version = body.version if body is not None else None
-    previous = ranker.slot.version if ranker.slot is not None else None
     try:
-        slot = await ranker.load(version)
+        slot, previous = await admin.reload(version)
     except ArtifactMissing as e:
         return error_response(404, str(e), "version: not found")
     except (ArtifactError, ValueError, OSError, RuntimeError) as e:

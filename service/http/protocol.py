@@ -11,6 +11,8 @@ from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.usecases.rank import RankResult
+
 ID_MAX: Final = (1 << 63) - 1
 USER_ID_PATTERN: Final = r"^[A-Za-z0-9_.:@-]{1,128}$"
 KEY_PATTERN: Final = r"^[A-Za-z0-9_.:@+/=-]{1,128}$"
@@ -81,7 +83,9 @@ class ScoredItem(BaseModel):
     score: float = Field(description="the model's probability for this item within the set")
 
 
-class Timings(BaseModel):
+class TimingsMs(BaseModel):
+    """The wire form of a request's stage times (engine.state_resolver.Timings), in ms."""
+
     redis: float
     state: float
     score: float
@@ -111,7 +115,7 @@ class RankResponse(BaseModel):
     degraded: str | None = Field(
         description="null, or why the answer is degraded: partial_state, stale_state, no_history"
     )
-    timings_ms: Timings
+    timings_ms: TimingsMs
 
 
 class Event(BaseModel):
@@ -184,3 +188,17 @@ class ModelInfo(BaseModel):
     dims: dict[str, int]
     manifest: dict[str, Any]
     loaded_at: float
+
+
+def rank_answer(result: RankResult) -> dict[str, Any]:
+    """The one place a /rank answer is built (the shape RankResponse documents)."""
+    return {
+        "user_id": result.user_id,
+        "request_id": result.request_id,
+        "model_version": result.model_version,
+        "items": [
+            {"item_id": i, "score": s} for i, s in zip(result.item_ids, result.scores, strict=True)
+        ],
+        "degraded": result.degraded,
+        "timings_ms": result.timings.as_dict(),
+    }

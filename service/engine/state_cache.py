@@ -13,8 +13,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from ifa_common.state import UserState
-
-from .store import SequenceStore, StoreUnavailable
+from service.store.redis_store import SequenceStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,11 @@ import numpy as np
 
 from ifa_common.records import RECORD_SIZE, unpack
 from ifa_common.state import StateFormatError, UserState
-
-from .inference import InferencePool, ModelSlot, Runtime
-from .metrics import Metrics
-from .settings import Settings
-from .state_cache import StateWriteBack
-from .store import Cooldown, SequenceStore, StoreUnavailable
+from service.engine.inference import InferencePool, ModelSlot, Runtime
+from service.engine.state_cache import StateWriteBack
+from service.metrics import Metrics
+from service.settings import Settings
+from service.store.redis_store import Cooldown, SequenceStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

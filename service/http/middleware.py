@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .metrics import API_ROUTES, Metrics
+from service.metrics import API_ROUTES, Metrics
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -7,13 +7,23 @@ per dependency per request on the hot path.
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 
-from .metrics import Metrics
-from .ranker import Ranker
-from .settings import Settings
+from service.metrics import Metrics
+from service.settings import Settings
+from service.usecases.admin import AdminUseCase
+from service.usecases.events import EventsUseCase
+from service.usecases.rank import RankUseCase
+
+
+def _started(request: Request, name: str) -> Any:
+    """A serving object the lifespan put on app.state; 503 before it has run."""
+    value = getattr(request.app.state, name, None)
+    if value is None:  # only between process start and the lifespan
+        raise HTTPException(503, "starting", headers={"Retry-After": "1"})
+    return value
 
 
 async def get_settings(request: Request) -> Settings:
@@ -21,11 +31,19 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
-async def get_ranker(request: Request) -> Ranker:
-    ranker: Ranker | None = getattr(request.app.state, "ranker", None)
-    if ranker is None:  # only between process start and the lifespan
-        raise HTTPException(503, "starting", headers={"Retry-After": "1"})
-    return ranker
+async def get_rank(request: Request) -> RankUseCase:
+    use_case: RankUseCase = _started(request, "rank")
+    return use_case
+
+
+async def get_events(request: Request) -> EventsUseCase:
+    use_case: EventsUseCase = _started(request, "events")
+    return use_case
+
+
+async def get_admin(request: Request) -> AdminUseCase:
+    use_case: AdminUseCase = _started(request, "admin")
+    return use_case
 
 
 async def get_metrics(request: Request) -> Metrics:
@@ -34,7 +52,8 @@ async def get_metrics(request: Request) -> Metrics:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-RankerDep = Annotated[Ranker, Depends(get_ranker)]
+EventsDep = Annotated[EventsUseCase, Depends(get_events)]
+AdminUseCaseDep = Annotated[AdminUseCase, Depends(get_admin)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 

@@ -1,0 +1,1 @@
+"""Engine: model registry, inference pool, runtime, state resolution and caches."""

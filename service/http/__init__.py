@@ -1,0 +1,1 @@
+"""HTTP layer: routes, protocol models, dependencies, middleware and errors (FastAPI)."""

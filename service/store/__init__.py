@@ -1,0 +1,1 @@
+"""Storage: user sequences and states in Redis, and the embedded Redis server."""

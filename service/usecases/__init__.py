@@ -1,0 +1,1 @@
+"""Use cases: rank, events, admin. Framework-free; they call the engine and the store."""

@@ -1,0 +1,32 @@
+"""The events use case: append behaviour events to a user's sequence, idempotently."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ifa_common.records import UNKNOWN_CATEGORY, make_events, pack
+from service.metrics import Metrics
+from service.store.redis_store import AppendResult, SequenceStore
+
+
+class EventsUseCase:
+    def __init__(self, store: SequenceStore, metrics: Metrics) -> None:
+        self.store = store
+        self.metrics = metrics
+
+    async def append(
+        self,
+        user_id: str,
+        item_id: Sequence[int],
+        ts: Sequence[int],
+        category: Sequence[int | None],
+        action: Sequence[int],
+        idempotency_key: str | None,
+    ) -> AppendResult:
+        """Events in the order given; a category of None is stored as unknown."""
+        cats = [UNKNOWN_CATEGORY if c is None else c for c in category]
+        records = pack(make_events(list(item_id), list(ts), cats, list(action)))
+        result = await self.store.append(user_id, records, idempotency_key)
+        if not result.replayed:
+            self.metrics.events_appended.inc(result.appended)
+        return result

@@ -1,0 +1,142 @@
+"""The rank use case: admission, the user's state, scoring, ordering. No FastAPI here.
+
+The degradation ladder (docs/design.md §6), in the order a request meets it:
+
+    overloaded     in-flight >= IFA_MAX_INFLIGHT, or the inference queue wait alone
+                   would exceed the budget: `Overloaded` (503 + Retry-After) at once
+    warm / refresh / cold (partial_state) / Redis down (stale_state, no_history):
+                   `engine.state_resolver.StateResolver`
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from ifa_common.state import UserState
+from service.engine.inference import InferencePool, ModelSlot, Runtime
+from service.engine.registry import ModelRegistry
+from service.engine.state_resolver import StateResolver, Timings
+from service.metrics import Metrics
+from service.settings import Settings
+
+RETRY_AFTER_S: Final = 1
+
+
+class Overloaded(RuntimeError):
+    """More work than the service can start within the request's budget."""
+
+    retry_after_s = RETRY_AFTER_S
+
+
+@dataclass(slots=True)
+class RankResult:
+    user_id: str
+    request_id: str
+    model_version: str
+    item_ids: list[int]
+    scores: list[float]
+    degraded: str | None
+    timings: Timings
+
+
+class RankUseCase:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        pool: InferencePool,
+        registry: ModelRegistry,
+        states: StateResolver,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.pool = pool
+        self.registry = registry
+        self.states = states
+        self.inflight = 0
+
+    async def rank(
+        self,
+        user_id: str,
+        candidates: Sequence[int],
+        top_k: int | None = None,
+        budget_ms: float | None = None,
+        request_id: str | None = None,
+    ) -> RankResult:
+        t0 = time.perf_counter()
+        slot = self.registry.current()
+        budget = float(budget_ms or self.settings.default_budget_ms)
+        deadline = t0 + budget / 1000.0
+        if self.inflight >= self.settings.max_inflight or self.pool.expected_wait_ms() > budget:
+            self.metrics.degraded.labels("overloaded").inc()
+            raise Overloaded("overloaded: retry later")
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        try:
+            return await self._rank(slot, user_id, candidates, top_k, deadline, request_id, t0)
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+
+    async def _rank(
+        self,
+        slot: ModelSlot,
+        user_id: str,
+        candidates: Sequence[int],
+        top_k: int | None,
+        deadline: float,
+        request_id: str | None,
+        t0: float,
+    ) -> RankResult:
+        tm = Timings()
+        items = np.asarray(candidates, dtype=np.int64)
+        m = items.shape[0]
+        self.metrics.candidates.observe(m)
+        k = m if top_k is None else min(int(top_k), m)
+        state, degraded = await self.states.resolve(slot, user_id, deadline, m, tm)
+        order, probs = await self._score(slot, state, items, k, tm)
+        self.metrics.stage_duration.labels("score").observe(tm.score / 1e3)
+        self.metrics.stage_duration.labels("redis").observe(tm.redis / 1e3)
+        self.metrics.stage_duration.labels("state").observe(tm.state / 1e3)
+        if degraded is not None:
+            self.metrics.degraded.labels(degraded).inc()
+        tm.total = (time.perf_counter() - t0) * 1e3
+        return RankResult(
+            user_id=user_id,
+            request_id=request_id or uuid.uuid4().hex,
+            model_version=slot.version,
+            item_ids=items[order].tolist(),
+            scores=probs.tolist(),
+            degraded=degraded,
+            timings=tm,
+        )
+
+    async def _score(
+        self, slot: ModelSlot, state: UserState, items: np.ndarray, k: int, tm: Timings
+    ) -> tuple[np.ndarray, np.ndarray]:
+        t = time.perf_counter()
+        if slot.estimate_score_ms(items.shape[0]) < self.settings.inline_score_ms:
+            # Sub-millisecond work: the hops to the pool and back (a GIL handoff each way)
+            # cost more than the scorer itself on 2 cores (docs/performance.md). Builds
+            # always go to the pool.
+            out = _score_and_order(slot.runtime, state, items, k)
+        else:
+            out = await self.pool.run(_score_and_order, slot.runtime, state, items, k)
+        tm.score += (time.perf_counter() - t) * 1e3
+        return out
+
+
+def _score_and_order(
+    rt: Runtime, state: UserState, items: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (sigmoid of the logits), best first, ties in request order; top k."""
+    logits = np.asarray(rt.score(state, items), dtype=np.float64)
+    probs = 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid without overflow
+    order = np.argsort(-probs, kind="stable")[:k]
+    return order, probs[order]
