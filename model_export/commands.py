@@ -70,7 +70,8 @@ def data_synthetic(args: argparse.Namespace) -> int:
 
 def export(args: argparse.Namespace) -> int:
     """`ifa-rank export CHECKPOINT --out artifacts/ [--version V]`: ONNX artifact + latest."""
-    from model_export.export import ExportError, export_checkpoint
+    from model_export.export import export_checkpoint
+    from model_export.onnx.graphs import ExportError
 
     try:
         path = export_checkpoint(args.checkpoint, args.out, version=args.version)

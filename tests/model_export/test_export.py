@@ -21,8 +21,9 @@ from ifa_common import hashing  # noqa: E402
 from ifa_common.manifest import sha256_file  # noqa: E402
 from ifa_common.records import make_events  # noqa: E402
 from model_export import commands  # noqa: E402
-from model_export.export import ExportError, export_checkpoint  # noqa: E402
+from model_export.export import export_checkpoint  # noqa: E402
 from model_export.model import build_model, default_config  # noqa: E402
+from model_export.onnx.graphs import ExportError  # noqa: E402
 from service.engine.runtime import ModelRuntime  # noqa: E402
 
 T0 = 1_700_000_000
@@ -211,7 +212,7 @@ def test_failed_verification_leaves_nothing(
     def fail(*args: Any, **kwargs: Any) -> float:
         raise ExportError("ONNX Runtime differs from PyTorch")
 
-    monkeypatch.setattr(ex, "_export_graphs", copy_graphs)
+    monkeypatch.setattr(ex, "export_graphs", copy_graphs)
     monkeypatch.setattr(ex, "verify_export", fail)
     with pytest.raises(ExportError, match="differs"):
         ex.export_model(model, cfg, out, "v-bad", (ITEM_IDS, ITEM_CATS), {})
@@ -221,11 +222,12 @@ def test_failed_verification_leaves_nothing(
 
 def test_legacy_exporter_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from model_export import export as ex
+    from model_export.onnx import graphs
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("dynamo unavailable")
 
-    monkeypatch.setattr(ex, "_export_dynamo", broken)
+    monkeypatch.setattr(graphs, "_export_dynamo", broken)
     cfg = _config(decay_per_day=(0.0, 1.0))
     torch.manual_seed(1)
     model = build_model(cfg).eval()

@@ -15,8 +15,8 @@ import torch
 from factories import random_events, tiny_config
 
 from ifa_common.graphs import SCORER_INPUTS, SCORER_OUTPUTS, STATE_INPUTS, STATE_OUTPUTS
-from model_export.export import ScorerGraph, StateGraph
 from model_export.model import IFAModel, build_model
+from model_export.onnx.graphs import ScorerGraph, StateGraph
 
 STATE_IN = list(STATE_INPUTS)
 SCORE_IN = list(SCORER_INPUTS)

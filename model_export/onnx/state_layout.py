@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ifa_common.state import EMPTY_LOG_SCALE
-
-from .model.ifa import IFAModel
-from .model.linear_attention import NO_SLOT
+from model_export.model.ifa import IFAModel
+from model_export.model.linear_attention import NO_SLOT
 
 # Largest key cap with a constant log-scale: the weights then span e^-2cap..1, and
 # e^-80 is still a normal float32 (the smallest is ~e^-87).

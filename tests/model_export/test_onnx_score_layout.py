@@ -1,4 +1,4 @@
-"""The exported scorer graph's layout (model_export/serving_score.py) is the model's score."""
+"""The exported scorer graph's layout (model_export/onnx/score_layout.py) is the model's score."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from factories import random_events, tiny_config
 
 from model_export.model import IFAModel, build_model
-from model_export.serving_score import ServingScorerGraph, serving_scorer_graph
+from model_export.onnx.score_layout import ServingScorerGraph, serving_scorer_graph
 
 
 def _model(**kw: object) -> IFAModel:

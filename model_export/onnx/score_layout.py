@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model.head import PADDING_LOGIT
-from .model.ifa import IFAModel
-from .model.linear_attention import MASS_CLAMP, TINY
+from model_export.model.head import PADDING_LOGIT
+from model_export.model.ifa import IFAModel
+from model_export.model.linear_attention import MASS_CLAMP, TINY
 
 
 class ServingScorerGraph(nn.Module):

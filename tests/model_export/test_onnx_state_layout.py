@@ -1,4 +1,4 @@
-"""The exported state graph's layout (model_export/serving_state.py) is the model's build_state."""
+"""The exported state graph's layout (model_export/onnx/state_layout.py) is the model's build_state."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from factories import random_events, tiny_config
 
 from ifa_common.state import EMPTY_LOG_SCALE
 from model_export.model import IFAModel, build_model
-from model_export.serving_state import ServingStateGraph, serving_state_graph
+from model_export.onnx.state_layout import ServingStateGraph, serving_state_graph
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 

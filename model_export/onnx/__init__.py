@@ -1,0 +1,1 @@
+"""ONNX export of an IFA model: the graphs and their CPU layouts, the manifest, the parity check."""
