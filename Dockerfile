@@ -47,10 +47,11 @@ WORKDIR /src
 # in a tree that has none yet.
 COPY pyproject.toml README.m[d] ./
 COPY ifa_common ./ifa_common
+COPY ifa_rank ./ifa_rank
 COPY service ./service
 COPY loadtest ./loadtest
 RUN pip install . \
-    && python -c "import onnxruntime, service, ifa_common" \
+    && python -c "import onnxruntime, service, ifa_common, ifa_rank" \
     && ! python -c "import torch" 2>/dev/null
 
 # ======================================================================================
@@ -115,6 +116,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.m[d] ./
 COPY ifa_common ./ifa_common
+COPY ifa_rank ./ifa_rank
 COPY service ./service
 COPY loadtest ./loadtest
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.replace('_', '-').lower().startswith('onnxruntime')))" > /tmp/requirements.txt \

@@ -36,7 +36,7 @@ loadtest: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy ifa_common service model_export loadtest tests
+	$(BIN)/mypy ifa_common ifa_rank service model_export loadtest tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

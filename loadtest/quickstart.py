@@ -56,7 +56,7 @@ def seed_demo_users() -> None:
     cmd = [
         sys.executable,
         "-m",
-        "ifa_common.cli",
+        "ifa_rank.cli",
         "seed",
         "--source",
         "movielens",
@@ -78,7 +78,7 @@ def demo_curl() -> str:
 def main() -> int:
     env = dict(os.environ)
     server = subprocess.Popen(
-        [sys.executable, "-m", "ifa_common.cli", "serve", "--host", HOST, "--port", str(PORT)],
+        [sys.executable, "-m", "ifa_rank.cli", "serve", "--host", HOST, "--port", str(PORT)],
         env=env,
     )
 

@@ -1,4 +1,4 @@
-"""Handlers of the `ifa-rank` subcommands that live in model_export (see ifa_common/cli.py).
+"""Handlers of the `ifa-rank` subcommands that live in model_export (see ifa_rank/cli.py).
 
 Each takes the argparse Namespace and returns an exit code. Imports sit inside the
 handlers so that one subcommand does not pay for another's dependencies.

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import redis
 
-from ifa_common.cli import build_parser
 from ifa_common.records import RECORD_SIZE, unpack
+from ifa_rank.cli import build_parser
 from loadtest import seed
 from service.store.redis_store import seq_key, state_key
 

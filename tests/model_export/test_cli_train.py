@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ifa_common.cli import main
+from ifa_rank.cli import main
 from model_export.data.logs import SPLITS, load_log
 from model_export.data.synthetic import generate, write_log
 from model_export.metrics import auc

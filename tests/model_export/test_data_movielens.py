@@ -87,7 +87,7 @@ def test_download_failure_is_one_clear_error(
 def test_cli_movielens_uses_prepared_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from ifa_common.cli import main
+    from ifa_rank.cli import main
 
     fake_raw(tmp_path)
     assert main(["data", "movielens", "--dir", str(tmp_path)]) == 0

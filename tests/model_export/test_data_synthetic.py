@@ -111,7 +111,7 @@ def test_bad_arguments() -> None:
 
 
 def test_cli_writes_a_loadable_file(tmp_path: Path) -> None:
-    from ifa_common.cli import main
+    from ifa_rank.cli import main
 
     out = tmp_path / "syn" / "x.csv"
     argv = ["data", "synthetic", "--users", "3", "--min-len", "200", "--max-len", "400"]
