@@ -144,6 +144,23 @@ class Metrics:
             self.http_responses.labels(route, "500")
         self._model_labels: tuple[str, str] | None = None
 
+    def observe_rank(
+        self,
+        candidates: int,
+        redis_ms: float,
+        state_ms: float,
+        score_ms: float,
+        degraded: str | None,
+    ) -> None:
+        """Everything an answered /rank records (its wall time and outcome are the request
+        middleware's, its serialisation the route's)."""
+        self.candidates.observe(candidates)
+        self.stage_duration.labels("redis").observe(redis_ms / 1e3)
+        self.stage_duration.labels("state").observe(state_ms / 1e3)
+        self.stage_duration.labels("score").observe(score_ms / 1e3)
+        if degraded is not None:
+            self.degraded.labels(degraded).inc()
+
     def set_model(self, version: str, provider: str) -> None:
         if self._model_labels is not None:
             self.model_info.remove(*self._model_labels)

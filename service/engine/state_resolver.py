@@ -24,6 +24,7 @@ import numpy as np
 
 from ifa_common.records import RECORD_SIZE, unpack
 from ifa_common.state import StateFormatError, UserState
+from service.engine.context import RankContext
 from service.engine.inference import InferencePool, ModelSlot, Runtime
 from service.engine.state_cache import StateWriteBack
 from service.metrics import Metrics
@@ -36,22 +37,6 @@ MIN_PARTIAL_EVENTS: Final = 64  # a partial answer always uses at least this man
 # A build is split over the pool's workers when every part gets at least this many
 # events (below, one job: the split's overhead would outweigh the parallel part).
 MIN_PARALLEL_PART: Final = 8_192
-
-
-@dataclass(slots=True)
-class Timings:
-    redis: float = 0.0  # ms
-    state: float = 0.0
-    score: float = 0.0
-    total: float = 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "redis": round(self.redis, 3),
-            "state": round(self.state, 3),
-            "score": round(self.score, 3),
-            "total": round(self.total, 3),
-        }
 
 
 @dataclass(slots=True)
@@ -78,21 +63,17 @@ class StateResolver:
         self._cooldown = Cooldown(self.settings.redis_cooldown_ms)
         self._background = set()
 
-    def _remaining_ms(self, deadline: float) -> float:
-        return (deadline - time.perf_counter()) * 1e3
+    def _fallback(self, ctx: RankContext, cached: UserState | None) -> UserState:
+        ctx.degraded = "stale_state" if cached is not None else "no_history"
+        return cached if cached is not None else ctx.slot.runtime.empty_state()
 
-    def _fallback(self, slot: ModelSlot, cached: UserState | None) -> tuple[UserState, str]:
-        if cached is not None:
-            return cached, "stale_state"
-        return slot.runtime.empty_state(), "no_history"
-
-    async def resolve(
-        self, slot: ModelSlot, user: str, deadline: float, m: int, tm: Timings
-    ) -> tuple[UserState, str | None]:
-        """The state to score `m` candidates with, and the degradation reason (or None)."""
+    async def resolve(self, ctx: RankContext) -> UserState:
+        """The state to score ctx's candidates with; ctx.degraded says why it is not the
+        whole, current history (None when it is)."""
+        slot, user, tm = ctx.slot, ctx.user, ctx.timings
         cached = slot.cache.get(user)
         if self._cooldown.blocked():
-            return self._fallback(slot, cached)
+            return self._fallback(ctx, cached)
         t = time.perf_counter()
         try:
             snap = await self.store.snapshot(
@@ -104,7 +85,7 @@ class StateResolver:
         except StoreUnavailable as e:
             log.debug("rank %s: %s", user, e)
             self._cooldown.trip()
-            return self._fallback(slot, cached)
+            return self._fallback(ctx, cached)
         finally:
             tm.redis += (time.perf_counter() - t) * 1e3
         length = snap.length
@@ -122,13 +103,13 @@ class StateResolver:
             self.metrics.state_source.labels(source).inc()
             if source == "redis":
                 slot.cache.put(user, base)
-            return base, None
+            return base
         if base is None and length == 0:
             self.metrics.state_cache.labels("miss").inc()
             self.metrics.state_source.labels("build").inc()
             empty = slot.runtime.empty_state()
             slot.cache.put(user, empty)
-            return empty, None
+            return empty
 
         self.metrics.state_cache.labels("refresh" if base is not None else "miss").inc()
         self.metrics.state_source.labels("build").inc()
@@ -143,8 +124,8 @@ class StateResolver:
             tm.state += (time.perf_counter() - t) * 1e3
             slot.cache.put(user, state)
             self._write_back(slot, user, state)
-            return state, None
-        return await self._advance(slot, user, base, length, deadline, m, tm)
+            return state
+        return await self._advance(ctx, base, length)
 
     def _decode(self, slot: ModelSlot, user: str, blob: bytes) -> UserState | None:
         try:
@@ -167,20 +148,12 @@ class StateResolver:
                 hi = mid - 1
         return max(lo, min(k, MIN_PARTIAL_EVENTS))
 
-    async def _advance(
-        self,
-        slot: ModelSlot,
-        user: str,
-        base: UserState | None,
-        length: int,
-        deadline: float,
-        m: int,
-        tm: Timings,
-    ) -> tuple[UserState, str | None]:
+    async def _advance(self, ctx: RankContext, base: UserState | None, length: int) -> UserState:
         """Bring `base` (None: nothing) up to `length` events within the budget."""
+        slot, user, tm = ctx.slot, ctx.user, ctx.timings
         start = base.n if base is not None else 0
         k = length - start
-        available = self._remaining_ms(deadline) - slot.estimate_score_ms(m)
+        available = ctx.remaining_ms() - slot.estimate_score_ms(ctx.candidates)
         flight = slot.cache.flight(user)
         if flight is None:
             fits = self._estimate_ms(slot, k) <= available
@@ -196,18 +169,18 @@ class StateResolver:
             self._track(flight)
             if not fits:
                 try:
-                    return await self._partial(slot, user, base, length, deadline, m, tm)
+                    return await self._partial(ctx, base, length)
                 finally:
                     gate.set()
             try:
                 state = await asyncio.shield(flight)
             except StoreUnavailable:
                 self._cooldown.trip()
-                return self._fallback(slot, base)
+                return self._fallback(ctx, base)
             finally:
                 tm.redis += info.redis_ms
                 tm.state += info.state_ms
-            return state, None
+            return state
         else:
             # Another request is building this user's state: share it while the budget lasts.
             t = time.perf_counter()
@@ -218,39 +191,32 @@ class StateResolver:
                 pass
             else:
                 if state.n == length:
-                    return state, None
-                if state.n < length and self._remaining_ms(deadline) > 0:
-                    return await self._advance(slot, user, state, length, deadline, m, tm)
+                    return state
+                if state.n < length and ctx.remaining_ms() > 0:
+                    return await self._advance(ctx, state, length)
                 if state.n > length:  # appended meanwhile; the newer state is fine
-                    return state, None
+                    return state
             finally:
                 tm.state += (time.perf_counter() - t) * 1e3
-        return await self._partial(slot, user, base, length, deadline, m, tm)
+        return await self._partial(ctx, base, length)
 
-    async def _partial(
-        self,
-        slot: ModelSlot,
-        user: str,
-        base: UserState | None,
-        length: int,
-        deadline: float,
-        m: int,
-        tm: Timings,
-    ) -> tuple[UserState, str | None]:
+    async def _partial(self, ctx: RankContext, base: UserState | None, length: int) -> UserState:
         """Score with the most recent events that fit the budget (never cached)."""
+        slot, user, tm = ctx.slot, ctx.user, ctx.timings
         start = base.n if base is not None else 0
-        available = self._remaining_ms(deadline) - slot.estimate_score_ms(m)
+        available = ctx.remaining_ms() - slot.estimate_score_ms(ctx.candidates)
         n = self._fit(slot, available, length - start)
         info = _Build()
         try:
             state = await self._read_and_build(slot, user, base, length - n, length, info)
         except StoreUnavailable:
             self._cooldown.trip()
-            return self._fallback(slot, base)
+            return self._fallback(ctx, base)
         finally:
             tm.redis += info.redis_ms
             tm.state += info.state_ms
-        return state, "partial_state"
+        ctx.degraded = "partial_state"
+        return state
 
     async def _build(
         self,

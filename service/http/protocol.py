@@ -84,7 +84,7 @@ class ScoredItem(BaseModel):
 
 
 class TimingsMs(BaseModel):
-    """The wire form of a request's stage times (engine.state_resolver.Timings), in ms."""
+    """The wire form of a request's stage times (engine.context.Timings), in ms."""
 
     redis: float
     state: float

@@ -19,9 +19,10 @@ from typing import Final
 import numpy as np
 
 from ifa_common.state import UserState
+from service.engine.context import RankContext, Timings
 from service.engine.inference import InferencePool, ModelSlot, Runtime
 from service.engine.registry import ModelRegistry
-from service.engine.state_resolver import StateResolver, Timings
+from service.engine.state_resolver import StateResolver
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -79,41 +80,35 @@ class RankUseCase:
         self.inflight += 1
         self.metrics.inflight.inc()
         try:
-            return await self._rank(slot, user_id, candidates, top_k, deadline, request_id, t0)
+            ctx = RankContext(slot, user_id, deadline, candidates=len(candidates))
+            return await self._rank(ctx, candidates, top_k, request_id, t0)
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
 
     async def _rank(
         self,
-        slot: ModelSlot,
-        user_id: str,
+        ctx: RankContext,
         candidates: Sequence[int],
         top_k: int | None,
-        deadline: float,
         request_id: str | None,
         t0: float,
     ) -> RankResult:
-        tm = Timings()
+        slot = ctx.slot
         items = np.asarray(candidates, dtype=np.int64)
-        m = items.shape[0]
-        self.metrics.candidates.observe(m)
-        k = m if top_k is None else min(int(top_k), m)
-        state, degraded = await self.states.resolve(slot, user_id, deadline, m, tm)
-        order, probs = await self._score(slot, state, items, k, tm)
-        self.metrics.stage_duration.labels("score").observe(tm.score / 1e3)
-        self.metrics.stage_duration.labels("redis").observe(tm.redis / 1e3)
-        self.metrics.stage_duration.labels("state").observe(tm.state / 1e3)
-        if degraded is not None:
-            self.metrics.degraded.labels(degraded).inc()
+        k = ctx.candidates if top_k is None else min(int(top_k), ctx.candidates)
+        state = await self.states.resolve(ctx)
+        order, probs = await self._score(slot, state, items, k, ctx.timings)
+        tm = ctx.timings
+        self.metrics.observe_rank(ctx.candidates, tm.redis, tm.state, tm.score, ctx.degraded)
         tm.total = (time.perf_counter() - t0) * 1e3
         return RankResult(
-            user_id=user_id,
+            user_id=ctx.user,
             request_id=request_id or uuid.uuid4().hex,
             model_version=slot.version,
             item_ids=items[order].tolist(),
             scores=probs.tolist(),
-            degraded=degraded,
+            degraded=ctx.degraded,
             timings=tm,
         )
 

@@ -1,0 +1,215 @@
+"""The degradation ladder as a unit: StateResolver with an in-memory store and a counting
+runtime whose cost model the test sets. Each rung is reached by construction (a deadline
+far ahead, or one already passed), never by racing a clock. The same ladder against a
+real Redis and ONNX Runtime is tests/service/test_degradation.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ifa_common.records import make_events, pack
+from ifa_common.state import UserState
+from service.engine.context import RankContext
+from service.engine.inference import InferencePool, ModelSlot
+from service.engine.state_cache import StateCache, StateWriteBack
+from service.engine.state_resolver import MIN_PARTIAL_EVENTS, StateResolver
+from service.metrics import Metrics
+from service.settings import Settings
+from service.store.redis_store import AppendResult, Snapshot, StoreUnavailable
+
+USER = "u1"
+T0 = 1_700_000_000
+
+
+class CountingRuntime:
+    """A state is the count of events it covers (S = n): enough to see what was built."""
+
+    version = "v1"
+    provider = "CPUExecutionProvider"
+    dims = (1, 1, 1)
+
+    def __init__(self, ms_per_event: float) -> None:
+        self.providers = ["CPUExecutionProvider"]
+        self.manifest: dict[str, Any] = {}
+        self.ms_per_event = ms_per_event  # the cost model the ladder plans with
+        self.built: list[int] = []  # sizes of the event chunks built
+
+    def _state(self, n: int, t_ref: int) -> UserState:
+        return UserState(
+            S=np.full((1, 1, 1), n, np.float32),
+            z=np.ones((1, 1), np.float32),
+            m=np.zeros(1, np.float32),
+            t_ref=t_ref,
+            n=n,
+        )
+
+    def empty_state(self) -> UserState:
+        return UserState.empty(1, 1, 1)
+
+    def build_state(self, events: np.ndarray) -> UserState:
+        self.built.append(int(events.shape[0]))
+        return self._state(int(events.shape[0]), int(events["ts"].max()) if len(events) else 0)
+
+    def fold(self, state: UserState, partial: UserState) -> UserState:
+        return self._state(state.n + partial.n, max(state.t_ref, partial.t_ref))
+
+    def score(self, state: UserState, items: np.ndarray) -> np.ndarray:
+        return np.zeros(items.shape[0], np.float32)
+
+    def serialize_state(self, state: UserState) -> bytes:
+        return str(state.n).encode()
+
+    def deserialize_state(self, buf: bytes) -> UserState:
+        return self._state(int(buf), 0)
+
+    def estimate_build_ms(self, n_events: int) -> float:
+        return n_events * self.ms_per_event
+
+
+class MemoryStore:
+    """The SequenceStore protocol over a list of records; `down` makes every call fail."""
+
+    def __init__(self, n_events: int) -> None:
+        self.events = make_events(np.arange(n_events), T0 + np.arange(n_events))
+        self.down = False
+        self.calls: list[str] = []
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if self.down:
+            raise StoreUnavailable("redis down")
+
+    async def snapshot(
+        self, user: str, model_version: str, have_n: int | None, tail_cap: int
+    ) -> Snapshot:
+        self._call("snapshot")
+        n = len(self.events)
+        if have_n is None or have_n > n:
+            return Snapshot(length=n, tail=b"", tail_from=None, state_blob=None)
+        tail = pack(self.events[have_n : min(n, have_n + tail_cap)])
+        return Snapshot(length=n, tail=tail, tail_from=have_n, state_blob=None)
+
+    async def read_range(self, user: str, start: int, stop: int) -> np.ndarray:
+        self._call("read_range")
+        return self.events[start:stop]
+
+    async def append(self, user: str, records: bytes, idempotency_key: str | None) -> AppendResult:
+        raise NotImplementedError
+
+    async def write_states(self, items: Sequence[tuple[str, str, bytes]]) -> None:
+        self._call("write_states")
+
+    async def length(self, user: str) -> int:
+        return len(self.events)
+
+    async def ping(self) -> None:
+        self._call("ping")
+
+
+def ladder(
+    n_events: int, ms_per_event: float = 1e-6
+) -> tuple[StateResolver, ModelSlot, MemoryStore, CountingRuntime, Metrics]:
+    settings = Settings(redis_url="redis://127.0.0.1:1", refresh_inline_events=256)
+    store, runtime, metrics = MemoryStore(n_events), CountingRuntime(ms_per_event), Metrics()
+    resolver = StateResolver(
+        settings, store, metrics, InferencePool(1), StateWriteBack(store, max_pending=10)
+    )
+    slot = ModelSlot(runtime=runtime, cache=StateCache(10))
+    return resolver, slot, store, runtime, metrics
+
+
+def context(slot: ModelSlot, budget_s: float) -> RankContext:
+    return RankContext(slot, USER, deadline=time.perf_counter() + budget_s, candidates=10)
+
+
+def counter(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_cold_user_with_time_to_spare_gets_the_whole_history() -> None:
+    resolver, slot, _, _, metrics = ladder(1000)
+    ctx = context(slot, budget_s=60)
+    state = asyncio.run(resolver.resolve(ctx))
+    assert (state.n, ctx.degraded) == (1000, None)
+    assert slot.cache.get(USER) is not None and slot.cache.get(USER).n == 1000  # type: ignore[union-attr]
+    assert counter(metrics, "ifa_state_cache_total", result="miss") == 1
+
+
+def test_warm_user_is_one_round_trip_and_no_build() -> None:
+    resolver, slot, store, runtime, metrics = ladder(500)
+
+    async def twice() -> tuple[UserState, RankContext]:
+        await resolver.resolve(context(slot, 60))
+        store.calls.clear()
+        runtime.built.clear()
+        ctx = context(slot, 60)
+        return await resolver.resolve(ctx), ctx
+
+    state, ctx = asyncio.run(twice())
+    assert (state.n, ctx.degraded) == (500, None)
+    assert store.calls == ["snapshot"] and runtime.built == []
+    assert counter(metrics, "ifa_state_cache_total", result="hit") == 1
+
+
+def test_a_short_tail_is_folded_from_the_snapshot_alone() -> None:
+    resolver, slot, store, runtime, _ = ladder(300)
+
+    async def run() -> UserState:
+        await resolver.resolve(context(slot, 60))
+        store.events = make_events(np.arange(340), T0 + np.arange(340))  # 40 new events
+        store.calls.clear()
+        runtime.built.clear()
+        return await resolver.resolve(context(slot, 60))
+
+    state = asyncio.run(run())
+    assert state.n == 340
+    assert store.calls == ["snapshot"]  # no second round trip for the tail
+    assert runtime.built == [40]
+
+
+def test_a_build_that_cannot_fit_answers_partially_and_finishes_behind() -> None:
+    # the plan says 1,000 events cost 10 s; the deadline has already passed
+    resolver, slot, _, _, metrics = ladder(1000, ms_per_event=10.0)
+
+    async def run() -> tuple[UserState, RankContext]:
+        ctx = context(slot, budget_s=-1.0)
+        state = await resolver.resolve(ctx)
+        await resolver.drain(timeout_s=60)  # the full build, released after the answer
+        return state, ctx
+
+    state, ctx = asyncio.run(run())
+    assert ctx.degraded == "partial_state"
+    assert state.n == MIN_PARTIAL_EVENTS  # the most recent events, at the floor
+    full = slot.cache.get(USER)
+    assert full is not None and full.n == 1000  # the next request is warm
+    assert counter(metrics, "ifa_background_builds_total", result="ok") == 1
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_redis_down_answers_from_the_cache_or_an_empty_history(cached: bool) -> None:
+    resolver, slot, store, _, _ = ladder(200)
+
+    async def run() -> tuple[UserState, RankContext, list[str]]:
+        if cached:
+            await resolver.resolve(context(slot, 60))
+        store.down = True
+        store.calls.clear()
+        ctx = context(slot, 60)
+        state = await resolver.resolve(ctx)
+        again = context(slot, 60)
+        await resolver.resolve(again)  # inside the cooldown: Redis is not called again
+        return state, ctx, list(store.calls)
+
+    state, ctx, calls = asyncio.run(run())
+    if cached:
+        assert (ctx.degraded, state.n) == ("stale_state", 200)
+    else:
+        assert (ctx.degraded, state.n) == ("no_history", 0)
+    assert calls == ["snapshot"]
