@@ -16,8 +16,9 @@ from functools import partial
 
 from fastapi import FastAPI
 
-from service.engine.inference import InferencePool, Runtime
+from service.engine.pool import InferencePool
 from service.engine.registry import ModelRegistry
+from service.engine.slot import Runtime
 from service.engine.state_cache import StateWriteBack
 from service.engine.state_resolver import StateResolver
 from service.http.middleware import (
@@ -145,6 +146,6 @@ def app_from_env() -> FastAPI:
     configure_logging(settings.log_level)
     # Inference threads release the GIL inside ONNX Runtime but must re-take it to hand
     # results back; with the default 5 ms switch interval they queue behind the event
-    # loop. 0.5 ms measured +25% req/s at concurrency 8 on 2 cores (docs/performance.md).
+    # loop; 0.5 ms serves more requests a second under load (docs/performance.md).
     sys.setswitchinterval(0.0005)
     return create_app(settings)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from service.engine.inference import ModelSlot
+from service.engine.slot import ModelSlot
 
 
 @dataclass(slots=True)

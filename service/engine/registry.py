@@ -8,7 +8,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from service.engine.inference import ModelSlot, Runtime
+from service.engine.slot import ModelSlot, Runtime
 from service.engine.state_cache import StateCache
 from service.metrics import Metrics
 from service.settings import Settings

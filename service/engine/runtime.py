@@ -46,9 +46,8 @@ from ifa_common.state import UserState, deserialize, fold, serialize
 log = logging.getLogger(__name__)
 
 # Events per state.onnx call; longer histories are built chunk by chunk and folded, which
-# keeps the graph's intermediates bounded (~10 arrays of N x H x F floats: 21 MB at
-# 16k events, default dims) at no measurable cost (measured: 16k..128k chunks all ~80 ms
-# CPU for 100k events).
+# keeps the graph's intermediates bounded (~10 arrays of N x H x F floats) at no
+# measurable cost against larger chunks (docs/performance.md).
 DEFAULT_CHUNK_EVENTS: Final = 16_384
 _CUDA: Final = "CUDAExecutionProvider"
 _CPU: Final = "CPUExecutionProvider"
@@ -345,8 +344,8 @@ def _check_io(
 
 class ItemTable:
     """item id -> category. Dense ids (the usual case: MovieLens, the synthetic set, any
-    catalogue numbered from 0) get a direct-index array, about 50x faster than a binary
-    search over 100k lookups (0.3 ms vs 17 ms); sparse ids use np.searchsorted."""
+    catalogue numbered from 0) get a direct-index array, much faster than a binary
+    search (docs/performance.md); sparse ids use np.searchsorted."""
 
     MAX_DENSE: Final = 1 << 22  # entries (32 MiB of int64) at most
 

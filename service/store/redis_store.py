@@ -45,8 +45,8 @@ return {1, answer}
 
 # The warm path's one command: the sequence length, the tail after the caller's state
 # (ARGV[1] < 0: none) and the stored state (ARGV[3] == "1"), read atomically. One
-# EVALSHA instead of a pipeline of two or three commands: ~0.1 ms less client CPU per
-# /rank (measured 410 vs 540 us a round trip) and no append between STRLEN and GETRANGE.
+# EVALSHA instead of a pipeline of two or three commands: less client CPU per /rank
+# (docs/performance.md) and no append between STRLEN and GETRANGE.
 _SNAPSHOT_LUA: Final = """
 local nbytes = redis.call('STRLEN', KEYS[1])
 local tail = false
@@ -95,7 +95,7 @@ class AppendResult:
 
 
 class SequenceStore(Protocol):
-    """What the ranker needs from storage (Redis in production and tests)."""
+    """What the engine and the use cases need from storage (Redis; in-memory in unit tests)."""
 
     async def snapshot(
         self, user: str, model_version: str, have_n: int | None, tail_cap: int
@@ -126,8 +126,8 @@ def make_client(url: str, timeout_ms: float, max_connections: int) -> aioredis.R
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
         # a 100k-event sequence is 3.2 MB: read it in 1 MiB socket reads, not redis-py's
-        # 64 KiB default (measured 9 ms -> 3 ms per 3.2 MB; small replies are unaffected,
-        # as the reader takes what the socket has, up to this size)
+        # 64 KiB default (about 3x faster on long reads, docs/performance.md; small replies
+        # are unaffected, as the reader takes what the socket has, up to this size)
         socket_read_size=READ_SOCKET_BYTES,
     )
     return aioredis.Redis(connection_pool=pool)

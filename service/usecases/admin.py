@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.engine.inference import ModelSlot
 from service.engine.registry import ModelRegistry
+from service.engine.slot import ModelSlot
 from service.store.redis_store import SequenceStore, StoreUnavailable
 
 

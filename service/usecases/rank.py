@@ -20,8 +20,9 @@ import numpy as np
 
 from ifa_common.state import UserState
 from service.engine.context import RankContext, Timings
-from service.engine.inference import InferencePool, ModelSlot, Runtime
+from service.engine.pool import InferencePool
 from service.engine.registry import ModelRegistry
+from service.engine.slot import ModelSlot, Runtime
 from service.engine.state_resolver import StateResolver
 from service.metrics import Metrics
 from service.settings import Settings

@@ -16,7 +16,8 @@ import pytest
 from ifa_common.records import make_events, pack
 from ifa_common.state import UserState
 from service.engine.context import RankContext
-from service.engine.inference import InferencePool, ModelSlot
+from service.engine.pool import InferencePool
+from service.engine.slot import ModelSlot
 from service.engine.state_cache import StateCache, StateWriteBack
 from service.engine.state_resolver import MIN_PARTIAL_EVENTS, StateResolver
 from service.metrics import Metrics

@@ -1,29 +1,22 @@
-"""The inference side of a request: the runtime seam, the executor, the loaded model slot.
-
-ONNX Runtime releases the GIL, so `build_state` / `score` run in a small thread pool
-(`IFA_INFER_WORKERS`) and the event loop keeps serving while they compute. The pool
-tracks its backlog so the ranker can refuse work it could not start within the budget.
-"""
+"""A loaded model version: the runtime seam it is used through, its own state cache and
+its score-time fit. A request takes the slot once at its start and uses it to the end,
+so a reload never mixes versions inside one request."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 
 from ifa_common.state import UserState
 from service.engine.state_cache import StateCache
 
-T = TypeVar("T")
-
 
 class Runtime(Protocol):
-    """What the service uses of `service.runtime.ModelRuntime` (see docs/CONTRACTS.md)."""
+    """What the service uses of `service.engine.runtime.ModelRuntime` (docs/CONTRACTS.md)."""
 
     version: str
     provider: str
@@ -45,7 +38,7 @@ class ModelSlot:
     """One loaded model version with its own state cache and cost model.
 
     A request takes the slot once at its start and uses it to the end, so a reload
-    (which swaps `Ranker.slot`) never mixes versions inside one request.
+    (which swaps `ModelRegistry.slot`) never mixes versions inside one request.
     """
 
     runtime: Runtime
@@ -73,34 +66,3 @@ class ModelSlot:
 
     def estimate_score_ms(self, m: int) -> float:
         return self.score_fixed_ms + self.score_per_candidate_ms * m
-
-
-class InferencePool:
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ifa-infer")
-        self.pending = 0  # jobs submitted and not finished (queued + running)
-        self._job_ms = 1.0  # EWMA of a job's run time (not counting its queue wait)
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        def job() -> tuple[T, float]:
-            t0 = time.perf_counter()
-            out = fn(*args)
-            return out, (time.perf_counter() - t0) * 1e3
-
-        loop = asyncio.get_running_loop()
-        self.pending += 1
-        try:
-            out, ms = await loop.run_in_executor(self._executor, job)
-        finally:
-            self.pending -= 1
-        self._job_ms += 0.1 * (ms - self._job_ms)
-        return out
-
-    def expected_wait_ms(self) -> float:
-        """How long a job submitted now would wait before a worker picks it up."""
-        queued = self.pending - self.workers + 1
-        return 0.0 if queued <= 0 else queued * self._job_ms / self.workers
-
-    async def shutdown(self) -> None:
-        await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
