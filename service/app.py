@@ -16,6 +16,7 @@ from functools import partial
 
 from fastapi import FastAPI
 
+from service.engine.cost import Warmup
 from service.engine.pool import InferencePool
 from service.engine.registry import ModelRegistry
 from service.engine.slot import Runtime
@@ -40,7 +41,7 @@ log = logging.getLogger("service")
 DRAIN_TIMEOUT_S = 5.0
 
 
-def load_runtime(settings: Settings, version: str | None) -> tuple[Runtime, dict[str, float]]:
+def load_runtime(settings: Settings, version: str | None) -> tuple[Runtime, Warmup]:
     """Blocking: load + verify (sha256) + warm one artifact version. Runs in a thread."""
     from service.engine.runtime import ModelRuntime  # onnxruntime is imported with the first model
 

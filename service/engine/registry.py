@@ -8,6 +8,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from service.engine.cost import CostModel, Warmup
 from service.engine.slot import ModelSlot, Runtime
 from service.engine.state_cache import StateCache
 from service.metrics import Metrics
@@ -15,7 +16,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[str | None], tuple[Runtime, dict[str, float]]]
+Loader = Callable[[str | None], tuple[Runtime, Warmup]]
 
 
 class ModelNotReady(RuntimeError):
@@ -43,9 +44,11 @@ class ModelRegistry:
         """Load, verify and warm `version` off the event loop, then swap it in."""
         async with self._lock:
             runtime, warm = await asyncio.to_thread(self.loader, version)
-            slot = ModelSlot(runtime=runtime, cache=StateCache(self.settings.state_cache_size))
-            slot.warmup_ms = warm
-            slot.calibrate(self.settings.warmup_counts())
+            slot = ModelSlot(
+                runtime=runtime,
+                cache=StateCache(self.settings.state_cache_size),
+                cost=CostModel.from_warmup(warm),
+            )
             self.slot = slot
             self.load_error = None
             self.metrics.set_model(runtime.version, runtime.provider)

@@ -42,6 +42,7 @@ from ifa_common.manifest import (
 )
 from ifa_common.records import EVENT_DTYPE
 from ifa_common.state import UserState, deserialize, fold, serialize
+from service.engine.cost import Warmup
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,6 @@ class ModelRuntime:
         self.providers: list[str] = list(scorer_session.get_providers())
         self.provider: str = "cuda" if _CUDA in self.providers else "cpu"
         # Per-event and fixed cost of build_state in ms; replaced by `warmup`'s measurement.
-        self._build_fixed_ms = 0.5
-        self._build_per_event_ms = 0.002
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -270,36 +269,21 @@ class ModelRuntime:
         candidate_counts: Iterable[int] = (1, 100, 500, 1000, 2000),
         build_sizes: Sequence[int] = (256, 4096),
         repeats: int = 3,
-    ) -> dict[str, float]:
+    ) -> Warmup:
         """Run every graph at representative sizes (first calls allocate) and measure
-        build_state's per-event cost for `estimate_build_ms`. Returns timings in ms."""
+        them: the timings `CostModel.from_warmup` fits."""
         rng = np.random.default_rng(0)
-        timings: dict[str, float] = {}
+        out = Warmup(chunk_events=self._chunk)
         for n in (0, *build_sizes):
             events = _synthetic_events(rng, n)
             self.build_state(events)
-            timings[f"build_state_{n}"] = _median_ms(
-                lambda ev=events: self.build_state(ev), repeats
-            )
+            out.build_ms[n] = _median_ms(lambda ev=events: self.build_state(ev), repeats)
         state = self.build_state(_synthetic_events(rng, 64))
         for m in candidate_counts:
             items = rng.integers(0, 1 << 40, size=int(m), dtype=np.int64)
             self.score(state, items)
-            timings[f"score_{m}"] = _median_ms(lambda it=items: self.score(state, it), repeats)
-        if len(build_sizes) >= 2:
-            lo, hi = min(build_sizes), max(build_sizes)
-            t_lo, t_hi = timings[f"build_state_{lo}"], timings[f"build_state_{hi}"]
-            per_event = max((t_hi - t_lo) / max(hi - lo, 1), 1e-6)
-            self._build_per_event_ms = per_event
-            self._build_fixed_ms = max(t_lo - per_event * lo, 0.0)
-        return timings
-
-    def estimate_build_ms(self, n_events: int) -> float:
-        """Expected build_state time for n events (after `warmup`; a guess before)."""
-        if n_events <= 0:
-            return 0.0
-        calls = -(-int(n_events) // self._chunk)
-        return calls * self._build_fixed_ms + n_events * self._build_per_event_ms
+            out.score_ms[int(m)] = _median_ms(lambda it=items: self.score(state, it), repeats)
+        return out
 
 
 def session_options(intra_op_threads: int, allow_spinning: bool = False) -> ort.SessionOptions:

@@ -56,7 +56,6 @@ class StateResolver:
     metrics: Metrics
     pool: InferencePool
     writeback: StateWriteBack
-    read_ms_per_record: float = 3e-5  # EWMA of bulk GETRANGE cost
     _cooldown: Cooldown = field(init=False)
     _background: set[asyncio.Task[Any]] = field(init=False)
 
@@ -136,7 +135,7 @@ class StateResolver:
             return None
 
     def _estimate_ms(self, slot: ModelSlot, n: int) -> float:
-        return slot.runtime.estimate_build_ms(n) + n * self.read_ms_per_record
+        return slot.cost.build_ms(n) + slot.cost.read_ms(n)
 
     def _fit(self, slot: ModelSlot, available_ms: float, k: int) -> int:
         """The most events (<= k) whose read + build is estimated to fit `available_ms`."""
@@ -154,7 +153,7 @@ class StateResolver:
         slot, user, tm = ctx.slot, ctx.user, ctx.timings
         start = base.n if base is not None else 0
         k = length - start
-        available = ctx.remaining_ms() - slot.estimate_score_ms(ctx.candidates)
+        available = ctx.remaining_ms() - slot.cost.score_ms(ctx.candidates)
         flight = slot.cache.flight(user)
         if flight is None:
             fits = self._estimate_ms(slot, k) <= available
@@ -205,7 +204,7 @@ class StateResolver:
         """Score with the most recent events that fit the budget (never cached)."""
         slot, user, tm = ctx.slot, ctx.user, ctx.timings
         start = base.n if base is not None else 0
-        available = ctx.remaining_ms() - slot.estimate_score_ms(ctx.candidates)
+        available = ctx.remaining_ms() - slot.cost.score_ms(ctx.candidates)
         n = self._fit(slot, available, length - start)
         info = _Build()
         try:
@@ -231,9 +230,7 @@ class StateResolver:
     ) -> UserState:
         await gate.wait()
         state = await self._read_and_build(slot, user, base, start, length, info)
-        if info.events >= 1000:
-            per = info.redis_ms / info.events
-            self.read_ms_per_record += 0.2 * (per - self.read_ms_per_record)
+        slot.cost.observe_read(info.events, info.redis_ms)
         self._write_back(slot, user, state)
         return state
 

@@ -117,7 +117,7 @@ class RankUseCase:
         self, slot: ModelSlot, state: UserState, items: np.ndarray, k: int, tm: Timings
     ) -> tuple[np.ndarray, np.ndarray]:
         t = time.perf_counter()
-        if slot.estimate_score_ms(items.shape[0]) < self.settings.inline_score_ms:
+        if slot.cost.score_ms(items.shape[0]) < self.settings.inline_score_ms:
             # Sub-millisecond work: the hops to the pool and back (a GIL handoff each way)
             # cost more than the scorer itself on 2 cores (docs/performance.md). Builds
             # always go to the pool.

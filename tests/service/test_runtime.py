@@ -278,9 +278,10 @@ def test_load_latest_providers_and_warmup(rt: ModelRuntime) -> None:
     assert latest.version == (root / "latest").read_text().strip()
     assert latest.provider in ("cpu", "cuda") and latest.providers
     assert latest.dims == rt.dims and latest.decay.dtype == np.float64
-    timings = latest.warmup(candidate_counts=(1, 100))
-    assert {"score_1", "score_100", "build_state_256"} <= set(timings)
-    assert 0 < latest.estimate_build_ms(1000) < latest.estimate_build_ms(100_000)
+    warm = latest.warmup(candidate_counts=(1, 100))
+    assert set(warm.score_ms) == {1, 100} and set(warm.build_ms) == {0, 256, 4096}
+    assert all(ms > 0 for ms in [*warm.score_ms.values(), *warm.build_ms.values()])
+    assert warm.chunk_events == latest._chunk
 
 
 def test_runtime_imports_without_torch() -> None:

@@ -16,6 +16,7 @@ import pytest
 from ifa_common.records import make_events, pack
 from ifa_common.state import UserState
 from service.engine.context import RankContext
+from service.engine.cost import CostModel
 from service.engine.pool import InferencePool
 from service.engine.slot import ModelSlot
 from service.engine.state_cache import StateCache, StateWriteBack
@@ -35,10 +36,9 @@ class CountingRuntime:
     provider = "CPUExecutionProvider"
     dims = (1, 1, 1)
 
-    def __init__(self, ms_per_event: float) -> None:
+    def __init__(self) -> None:
         self.providers = ["CPUExecutionProvider"]
         self.manifest: dict[str, Any] = {}
-        self.ms_per_event = ms_per_event  # the cost model the ladder plans with
         self.built: list[int] = []  # sizes of the event chunks built
 
     def _state(self, n: int, t_ref: int) -> UserState:
@@ -68,9 +68,6 @@ class CountingRuntime:
 
     def deserialize_state(self, buf: bytes) -> UserState:
         return self._state(int(buf), 0)
-
-    def estimate_build_ms(self, n_events: int) -> float:
-        return n_events * self.ms_per_event
 
 
 class MemoryStore:
@@ -117,11 +114,12 @@ def ladder(
     n_events: int, ms_per_event: float = 1e-6
 ) -> tuple[StateResolver, ModelSlot, MemoryStore, CountingRuntime, Metrics]:
     settings = Settings(redis_url="redis://127.0.0.1:1", refresh_inline_events=256)
-    store, runtime, metrics = MemoryStore(n_events), CountingRuntime(ms_per_event), Metrics()
+    store, runtime, metrics = MemoryStore(n_events), CountingRuntime(), Metrics()
     resolver = StateResolver(
         settings, store, metrics, InferencePool(1), StateWriteBack(store, max_pending=10)
     )
-    slot = ModelSlot(runtime=runtime, cache=StateCache(10))
+    cost = CostModel(build_per_event_ms=ms_per_event)  # the cost model the ladder plans with
+    slot = ModelSlot(runtime=runtime, cache=StateCache(10), cost=cost)
     return resolver, slot, store, runtime, metrics
 
 
