@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from loadtest import bench, report
+from loadtest.bench_derive import derive
+from loadtest.bench_plan import BenchPlan
 from loadtest.run import gate
 
 MICRO = {
@@ -52,7 +54,7 @@ def test_derive_computes_overhead_and_every_target() -> None:
             "cold": {"p50_ms": 30.0, "server_timings_ms_median": {"redis": 5.0, "state": 20.0}},
         },
     }
-    d = bench.derive(rep)
+    d = derive(rep)
     assert d["overhead_ratio"] == pytest.approx(1.5 / (0.3 + 0.8))
     by_name = {t["name"]: t for t in d["targets"]}
     assert by_name["warm /rank p50 ms (N=100k, M=500, c=1)"]["ok"] is True
@@ -66,7 +68,7 @@ def test_derive_computes_overhead_and_every_target() -> None:
 
 
 def test_derive_without_measurements_marks_targets_unknown() -> None:
-    d = bench.derive({})
+    d = derive({})
     assert d["targets"] and all(t["ok"] is None for t in d["targets"])
 
 
@@ -94,7 +96,7 @@ def _csv(path: Path, text: str) -> list[dict[str, str]]:
 def test_tiny_end_to_end_bench_writes_the_contracted_report(
     tiny_artifacts: Path, tmp_path: Path
 ) -> None:
-    plan = bench.BenchPlan(
+    plan = BenchPlan(
         quick=True,
         repeats=1,
         duration_s=0.4,

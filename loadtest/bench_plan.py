@@ -1,0 +1,47 @@
+"""What one `ifa-rank bench` run measures: sizes, repeats, durations, concurrencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FIGURES = ("p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms", "rps")
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    quick: bool
+    repeats: int
+    duration_s: float
+    warmup_s: float
+    n_events: int = 100_000
+    m: int = 500
+    warm_users: int = 8
+    bodies_per_user: int = 4
+    cold_requests: int = 20
+    cold_warmup: int = 2
+    refresh_requests: int = 10
+    items: int = 20_000
+    concurrency: tuple[int, ...] = (1, 2, 8)
+    healthz_concurrency: tuple[int, ...] = (1, 8)  # the baseline and the generator's ceiling
+
+    @classmethod
+    def make(
+        cls, quick: bool, repeats: int | None = None, duration: float | None = None
+    ) -> BenchPlan:
+        if quick:
+            return cls(
+                quick=True,
+                repeats=repeats or 3,
+                duration_s=duration or 3.0,
+                warmup_s=1.0,
+                cold_requests=8,
+                refresh_requests=5,
+            )
+        return cls(
+            quick=False,
+            repeats=repeats or 5,
+            duration_s=duration or 10.0,
+            warmup_s=2.0,
+            cold_requests=30,
+            refresh_requests=20,
+        )
