@@ -78,6 +78,8 @@ def load_manifest(version_dir: Path) -> dict[str, Any]:
         raise ArtifactMissing(f"missing {path}") from e
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: a manifest is a JSON object, not {type(manifest).__name__}")
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ArtifactError(f"{path}: unsupported manifest format {manifest.get('format')!r}")
     return manifest

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ifa_common.graphs import ITEMS_FILE
+from ifa_common.items import save_items
 from ifa_common.manifest import LATEST_NAME, MANIFEST_NAME, ArtifactError, check_version_name
 from model_export.checkpoint import CheckpointError, model_from, read_checkpoint
 from model_export.model.config import ModelConfig
@@ -90,7 +91,7 @@ def export_model(
     tmp.chmod(0o755)  # mkdtemp makes it 0700; the service may run as another user
     try:
         exporter = export_graphs(model, cfg, tmp)
-        np.savez(tmp / ITEMS_FILE, item_id=item_ids, category=item_cats)
+        save_items(tmp / ITEMS_FILE, item_ids, item_cats)
         manifest = build_manifest(cfg, version, tmp, exporter, training_info or {})
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         max_err = verify_export(model, cfg, tmp)

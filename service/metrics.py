@@ -6,7 +6,7 @@ exposes each series at 0 (alerts on `rate(...)` work from the first scrape).
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -43,6 +43,30 @@ CONTRACT_METRICS: Final = (
     "ifa_events_appended_total",
     "ifa_model_info",
 )
+
+
+class StageTimes(Protocol):
+    redis: float  # ms
+    state: float
+    score: float
+    serialize: float
+
+
+class RankRecord(Protocol):
+    """What an answered /rank leaves to be recorded (the engine's RankContext)."""
+
+    @property
+    def candidates(self) -> int: ...
+    @property
+    def timings(self) -> StageTimes: ...
+    @property
+    def degraded(self) -> str | None: ...
+    @property
+    def sequence_length(self) -> int | None: ...
+    @property
+    def cache_result(self) -> str | None: ...
+    @property
+    def state_source(self) -> str | None: ...
 
 
 class Metrics:
@@ -144,22 +168,23 @@ class Metrics:
             self.http_responses.labels(route, "500")
         self._model_labels: tuple[str, str] | None = None
 
-    def observe_rank(
-        self,
-        candidates: int,
-        redis_ms: float,
-        state_ms: float,
-        score_ms: float,
-        degraded: str | None,
-    ) -> None:
-        """Everything an answered /rank records (its wall time and outcome are the request
-        middleware's, its serialisation the route's)."""
-        self.candidates.observe(candidates)
-        self.stage_duration.labels("redis").observe(redis_ms / 1e3)
-        self.stage_duration.labels("state").observe(state_ms / 1e3)
-        self.stage_duration.labels("score").observe(score_ms / 1e3)
-        if degraded is not None:
-            self.degraded.labels(degraded).inc()
+    def observe_rank(self, rec: RankRecord) -> None:
+        """Everything an answered /rank records, in one call once it is serialised (its
+        wall time and HTTP outcome are the request middleware's, which sees every route)."""
+        tm = rec.timings
+        self.candidates.observe(rec.candidates)
+        self.stage_duration.labels("redis").observe(tm.redis / 1e3)
+        self.stage_duration.labels("state").observe(tm.state / 1e3)
+        self.stage_duration.labels("score").observe(tm.score / 1e3)
+        self.stage_duration.labels("serialize").observe(tm.serialize / 1e3)
+        if rec.sequence_length is not None:
+            self.sequence_length.observe(rec.sequence_length)
+        if rec.cache_result is not None:
+            self.state_cache.labels(rec.cache_result).inc()
+        if rec.state_source is not None:
+            self.state_source.labels(rec.state_source).inc()
+        if rec.degraded is not None:
+            self.degraded.labels(rec.degraded).inc()
 
     def set_model(self, version: str, provider: str) -> None:
         if self._model_labels is not None:

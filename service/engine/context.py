@@ -1,7 +1,7 @@
 """One /rank request as the engine sees it: the model slot it started with, the user, its
-deadline, its candidate count, the time each stage took and why the answer is degraded.
-Created by the rank use case, carried through the state ladder, read by the metrics and
-the response."""
+deadline, its candidate count, the time each stage took, how its state was found and why
+the answer is degraded. Created by the rank use case, filled in by the state ladder, read
+by the response and, once per answered request, by `Metrics.observe_rank`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ class Timings:
     redis: float = 0.0  # ms
     state: float = 0.0
     score: float = 0.0
+    serialize: float = 0.0  # filled in by the HTTP layer; not part of the answer
     total: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
@@ -35,6 +36,9 @@ class RankContext:
     candidates: int  # M: the scorer's share of the budget is reserved for it
     timings: Timings = field(default_factory=Timings)
     degraded: str | None = None  # partial_state, stale_state, no_history
+    sequence_length: int | None = None  # None: Redis was not reached
+    cache_result: str | None = None  # hit, refresh, miss (None: Redis was not reached)
+    state_source: str | None = None  # local, redis, build
 
     def remaining_ms(self) -> float:
         return (self.deadline - time.perf_counter()) * 1e3

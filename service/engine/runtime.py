@@ -33,6 +33,7 @@ from ifa_common.graphs import (
     STATE_INPUTS,
     STATE_OUTPUTS,
 )
+from ifa_common.items import ItemTable, load_items
 from ifa_common.manifest import (
     ArtifactError,
     ArtifactWrongModel,
@@ -43,6 +44,7 @@ from ifa_common.manifest import (
 from ifa_common.records import EVENT_DTYPE
 from ifa_common.state import UserState, deserialize, fold, serialize
 from service.engine.cost import Warmup
+from service.engine.ort_session import CUDA, check_io, open_session, providers, session_options
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,6 @@ log = logging.getLogger(__name__)
 # keeps the graph's intermediates bounded (~10 arrays of N x H x F floats) at no
 # measurable cost against larger chunks (docs/performance.md).
 DEFAULT_CHUNK_EVENTS: Final = 16_384
-_CUDA: Final = "CUDAExecutionProvider"
-_CPU: Final = "CPUExecutionProvider"
 
 
 class ModelRuntime:
@@ -86,7 +86,7 @@ class ModelRuntime:
         self._items = ItemTable(item_ids, item_categories)
         self._chunk = max(1, int(chunk_events))
         self.providers: list[str] = list(scorer_session.get_providers())
-        self.provider: str = "cuda" if _CUDA in self.providers else "cpu"
+        self.provider: str = "cuda" if CUDA in self.providers else "cpu"
         # Per-event and fixed cost of build_state in ms; replaced by `warmup`'s measurement.
 
     # ------------------------------------------------------------------ loading
@@ -136,23 +136,24 @@ class ModelRuntime:
             if name not in manifest["files"]:
                 raise ArtifactError(f"{version_dir}: manifest does not list {name}")
         options = session_options(intra_op_threads, allow_spinning)
-        providers = (
-            [_CUDA, _CPU] if prefer_cuda and _CUDA in ort.get_available_providers() else [_CPU]
-        )
-        state = _session(version_dir / STATE_FILE, options, providers)
-        scorer = _session(version_dir / SCORER_FILE, options, providers)
-        _check_io(state, STATE_INPUTS, STATE_OUTPUTS, STATE_FILE)
-        _check_io(scorer, SCORER_INPUTS, SCORER_OUTPUTS, SCORER_FILE)
-        item_ids, item_categories = _load_items(version_dir / ITEMS_FILE)
-        rt = cls(
-            version_dir=version_dir,
-            manifest=manifest,
-            state_session=state,
-            scorer_session=scorer,
-            item_ids=item_ids,
-            item_categories=item_categories,
-            chunk_events=chunk_events,
-        )
+        chosen = providers(prefer_cuda)
+        state = open_session(version_dir / STATE_FILE, options, chosen)
+        scorer = open_session(version_dir / SCORER_FILE, options, chosen)
+        check_io(state, STATE_INPUTS, STATE_OUTPUTS, STATE_FILE)
+        check_io(scorer, SCORER_INPUTS, SCORER_OUTPUTS, SCORER_FILE)
+        item_ids, item_categories = load_items(version_dir / ITEMS_FILE)
+        try:
+            rt = cls(
+                version_dir=version_dir,
+                manifest=manifest,
+                state_session=state,
+                scorer_session=scorer,
+                item_ids=item_ids,
+                item_categories=item_categories,
+                chunk_events=chunk_events,
+            )
+        except (KeyError, TypeError, ValueError) as e:  # dims the graphs cannot be fed with
+            raise ArtifactError(f"{version_dir}: manifest dims unusable ({e!r})") from e
         log.info("loaded model %s on %s (%s)", rt.version, rt.provider, ",".join(rt.providers))
         return rt
 
@@ -286,101 +287,6 @@ class ModelRuntime:
         return out
 
 
-def session_options(intra_op_threads: int, allow_spinning: bool = False) -> ort.SessionOptions:
-    """Explicit threading for a service that runs several sessions side by side."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, int(intra_op_threads))
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Spinning: after each op, ORT's pool threads busy-wait for more work instead of
-    # sleeping. That saves microseconds for one process that owns the machine, but here
-    # several executor workers (each with its own pool) share a few cores with the event
-    # loop and Redis client, and spinning threads steal those cores and raise tail
-    # latency under load. Off by default; a setting for a dedicated box.
-    flag = "1" if allow_spinning else "0"
-    opts.add_session_config_entry("session.intra_op.allow_spinning", flag)
-    opts.add_session_config_entry("session.inter_op.allow_spinning", flag)
-    return opts
-
-
-def _session(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as e:  # a CUDA provider that fails to initialise: retry on CPU
-        if providers == [_CPU]:
-            raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {e}") from e
-        log.warning("CUDA session for %s failed (%s); falling back to CPU", path.name, e)
-        return _session(path, options, [_CPU])
-
-
-def _check_io(
-    sess: ort.InferenceSession, inputs: Sequence[str], outputs: Sequence[str], name: str
-) -> None:
-    got_in = tuple(i.name for i in sess.get_inputs())
-    got_out = tuple(o.name for o in sess.get_outputs())
-    if set(got_in) != set(inputs) or set(got_out) != set(outputs):
-        raise ArtifactError(
-            f"{name}: graph inputs {got_in} / outputs {got_out} do not match the contract "
-            f"{tuple(inputs)} / {tuple(outputs)}"
-        )
-
-
-class ItemTable:
-    """item id -> category. Dense ids (the usual case: MovieLens, the synthetic set, any
-    catalogue numbered from 0) get a direct-index array, much faster than a binary
-    search (docs/performance.md); sparse ids use np.searchsorted."""
-
-    MAX_DENSE: Final = 1 << 22  # entries (32 MiB of int64) at most
-
-    def __init__(self, ids: np.ndarray, categories: np.ndarray) -> None:
-        self.ids, self.categories = ids, categories  # ids sorted ascending
-        self.dense: np.ndarray | None = None
-        self._bucket_tables: dict[int, np.ndarray] = {}
-        if ids.size and ids[0] >= 0 and ids[-1] < min(self.MAX_DENSE, 8 * ids.size + 1024):
-            self.dense = np.full(int(ids[-1]) + 1, -1, np.int64)
-            self.dense[ids] = categories
-
-    def category_buckets(self, items: np.ndarray, buckets: int) -> np.ndarray:
-        """Raw item ids -> category bucket (0 where unknown): `category_bucket(lookup(.))`,
-        with one clip and one take for dense ids (the per-request path: a few us for 500
-        candidates instead of ~100 us of masks and modulos)."""
-        if self.dense is None:
-            return hashing.category_bucket(self.lookup(items), buckets)
-        table = self._bucket_tables.get(buckets)
-        if table is None:
-            # the dense table's buckets, then one sentinel (unknown) that every id outside
-            # [0, len) is clipped onto: negative ids to -1, large ids to len
-            table = np.append(hashing.category_bucket(self.dense, buckets), 0)
-            self._bucket_tables[buckets] = table
-        idx = np.clip(np.asarray(items, dtype=np.int64), -1, table.size - 1)
-        return table.take(idx)
-
-    def lookup(self, items: np.ndarray) -> np.ndarray:
-        items = np.asarray(items, dtype=np.int64)
-        if self.dense is not None:
-            inside = (items >= 0) & (items < self.dense.size)
-            return np.where(inside, self.dense[np.where(inside, items, 0)], -1)
-        ids = self.ids
-        if ids.size == 0:
-            return np.full(items.shape, -1, np.int64)
-        idx = np.searchsorted(ids, items)
-        np.minimum(idx, ids.size - 1, out=idx)
-        return np.where(ids[idx] == items, self.categories[idx], -1)
-
-
-def _load_items(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path, allow_pickle=False) as npz:
-        ids = np.asarray(npz["item_id"], dtype=np.int64)
-        cats = np.asarray(npz["category"], dtype=np.int64)
-    if ids.shape != cats.shape or ids.ndim != 1:
-        raise ArtifactError(f"{path.name}: item_id and category must be 1-D of one length")
-    if ids.size > 1 and np.any(ids[1:] < ids[:-1]):
-        order = np.argsort(ids, kind="stable")
-        ids, cats = ids[order], cats[order]
-    return ids, cats
-
-
 def _synthetic_events(rng: np.random.Generator, n: int) -> np.ndarray:
     ev = np.zeros(n, EVENT_DTYPE)
     ev["item_id"] = rng.integers(0, 1 << 40, size=n)
@@ -399,4 +305,4 @@ def _median_ms(fn: Any, repeats: int) -> float:
     return float(np.median(times))
 
 
-__all__ = ["ArtifactError", "ArtifactWrongModel", "ModelRuntime", "session_options"]
+__all__ = ["ArtifactError", "ArtifactWrongModel", "ModelRuntime"]

@@ -84,9 +84,6 @@ class StateCache:
         task.add_done_callback(done)
         return task
 
-    def flights(self) -> list[asyncio.Task[UserState]]:
-        return list(self._flights.values())
-
 
 class StateWriteBack:
     """Writes fresh states to Redis off the request path, batched into one pipeline.

@@ -49,6 +49,14 @@ class _Build:
     events: int = 0
 
 
+@dataclass(slots=True, frozen=True)
+class _Tail:
+    """The state of the events [start, length) that a partial answer built."""
+
+    start: int
+    state: UserState
+
+
 @dataclass
 class StateResolver:
     settings: Settings
@@ -88,8 +96,7 @@ class StateResolver:
             return self._fallback(ctx, cached)
         finally:
             tm.redis += (time.perf_counter() - t) * 1e3
-        length = snap.length
-        self.metrics.sequence_length.observe(length)
+        length = ctx.sequence_length = snap.length
 
         base, source = cached, "local"
         if base is None and snap.state_blob is not None:
@@ -99,20 +106,18 @@ class StateResolver:
             slot.cache.discard(user)
             base = None
         if base is not None and base.n == length:
-            self.metrics.state_cache.labels("hit").inc()
-            self.metrics.state_source.labels(source).inc()
+            ctx.cache_result, ctx.state_source = "hit", source
             if source == "redis":
                 slot.cache.put(user, base)
             return base
         if base is None and length == 0:
-            self.metrics.state_cache.labels("miss").inc()
-            self.metrics.state_source.labels("build").inc()
+            ctx.cache_result, ctx.state_source = "miss", "build"
             empty = slot.runtime.empty_state()
             slot.cache.put(user, empty)
             return empty
 
-        self.metrics.state_cache.labels("refresh" if base is not None else "miss").inc()
-        self.metrics.state_source.labels("build").inc()
+        ctx.cache_result = "refresh" if base is not None else "miss"
+        ctx.state_source = "build"
         if (
             base is not None
             and snap.tail_from == base.n
@@ -159,19 +164,22 @@ class StateResolver:
             fits = self._estimate_ms(slot, k) <= available
             info = _Build()
             # When this request answers from a partial build, the full build waits for
-            # it (gate), so the two do not split the CPU and blow this request's budget.
-            gate = asyncio.Event()
+            # it (so the two do not split the CPU and blow this request's budget) and
+            # takes over the recent events it built instead of reading them again.
+            handoff: asyncio.Future[_Tail | None] = asyncio.get_running_loop().create_future()
             if fits:
-                gate.set()
+                handoff.set_result(None)
             flight = slot.cache.start_flight(
-                user, lambda: self._build(slot, user, base, start, length, info, gate)
+                user, lambda: self._build(slot, user, base, start, length, info, handoff)
             )
             self._track(flight)
             if not fits:
+                tail: _Tail | None = None
                 try:
-                    return await self._partial(ctx, base, length)
+                    state, tail = await self._partial(ctx, base, length)
+                    return state
                 finally:
-                    gate.set()
+                    handoff.set_result(tail)
             try:
                 state = await asyncio.shield(flight)
             except StoreUnavailable:
@@ -198,25 +206,32 @@ class StateResolver:
                     return state
             finally:
                 tm.state += (time.perf_counter() - t) * 1e3
-        return await self._partial(ctx, base, length)
+        state, _ = await self._partial(ctx, base, length)
+        return state
 
-    async def _partial(self, ctx: RankContext, base: UserState | None, length: int) -> UserState:
-        """Score with the most recent events that fit the budget (never cached)."""
+    async def _partial(
+        self, ctx: RankContext, base: UserState | None, length: int
+    ) -> tuple[UserState, _Tail | None]:
+        """Score with the most recent events that fit the budget (never cached). Returns
+        the answer's state and the recent events' own state (None when Redis failed)."""
         slot, user, tm = ctx.slot, ctx.user, ctx.timings
         start = base.n if base is not None else 0
         available = ctx.remaining_ms() - slot.cost.score_ms(ctx.candidates)
         n = self._fit(slot, available, length - start)
         info = _Build()
         try:
-            state = await self._read_and_build(slot, user, base, length - n, length, info)
+            recent = await self._read_and_build(slot, user, None, length - n, length, info)
         except StoreUnavailable:
             self._cooldown.trip()
-            return self._fallback(ctx, base)
+            return self._fallback(ctx, base), None
         finally:
             tm.redis += info.redis_ms
             tm.state += info.state_ms
-        ctx.degraded = "partial_state"
-        return state
+        # A short gap is built whole even past the budget (MIN_PARTIAL_EVENTS): then the
+        # answer is not partial and is not flagged.
+        ctx.degraded = "partial_state" if n < length - start else None
+        state = recent if base is None else slot.runtime.fold(base, recent)
+        return state, _Tail(length - n, recent)
 
     async def _build(
         self,
@@ -226,11 +241,17 @@ class StateResolver:
         start: int,
         length: int,
         info: _Build,
-        gate: asyncio.Event,
+        handoff: asyncio.Future[_Tail | None],
     ) -> UserState:
-        await gate.wait()
-        state = await self._read_and_build(slot, user, base, start, length, info)
-        slot.cost.observe_read(info.events, info.redis_ms)
+        tail = await handoff
+        stop = tail.start if tail is not None else length
+        state = base
+        if stop > start:
+            state = await self._read_and_build(slot, user, base, start, stop, info)
+            slot.cost.observe_read(info.events, info.redis_ms)
+        if tail is not None:
+            state = tail.state if state is None else slot.runtime.fold(state, tail.state)
+        assert state is not None  # stop > start or a tail: some events were built
         self._write_back(slot, user, state)
         return state
 

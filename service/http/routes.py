@@ -87,7 +87,8 @@ async def rank(request: Request) -> Response:
         return _unavailable(str(e), e.retry_after_s)
     t = time.perf_counter()
     payload = orjson.dumps(rank_answer(result))
-    state.metrics.stage_duration.labels("serialize").observe(time.perf_counter() - t)
+    result.timings.serialize = (time.perf_counter() - t) * 1e3
+    state.metrics.observe_rank(result.context)  # the one place an answer's metrics go
     request.state.degraded = result.degraded
     return json_bytes(payload)
 

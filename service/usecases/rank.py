@@ -44,7 +44,11 @@ class RankResult:
     item_ids: list[int]
     scores: list[float]
     degraded: str | None
-    timings: Timings
+    context: RankContext  # what Metrics.observe_rank records once the answer is serialised
+
+    @property
+    def timings(self) -> Timings:
+        return self.context.timings
 
 
 class RankUseCase:
@@ -101,7 +105,6 @@ class RankUseCase:
         state = await self.states.resolve(ctx)
         order, probs = await self._score(slot, state, items, k, ctx.timings)
         tm = ctx.timings
-        self.metrics.observe_rank(ctx.candidates, tm.redis, tm.state, tm.score, ctx.degraded)
         tm.total = (time.perf_counter() - t0) * 1e3
         return RankResult(
             user_id=ctx.user,
@@ -110,7 +113,7 @@ class RankUseCase:
             item_ids=items[order].tolist(),
             scores=probs.tolist(),
             degraded=ctx.degraded,
-            timings=tm,
+            context=ctx,
         )
 
     async def _score(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
 import redis
+from conftest import copy_version
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from svc_helpers import make_settings, metric_value, random_events, user, wait_until
@@ -123,6 +126,27 @@ def test_admin_reload_auth(redis_url: str, tiny_artifacts: Path) -> None:
         r = client.post("/admin/reload", json={"version": "nope"}, headers=AUTH)
         assert r.status_code == 404
         assert client.get("/v1/model").json()["version"] == "v1"  # still serving
+
+
+def test_reload_to_a_hash_consistent_but_malformed_artifact_is_a_422(
+    redis_url: str, tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts, root, symlinks=True)
+    copy_version(root, "v1", "listed")
+    (root / "listed" / "manifest.json").write_text("[]")
+    copy_version(root, "v1", "headless")
+    manifest = json.loads((root / "headless" / "manifest.json").read_text())
+    del manifest["dims"]["heads"]
+    (root / "headless" / "manifest.json").write_text(json.dumps(manifest))
+    settings = make_settings(redis_url, root, admin_token=TOKEN)
+    with TestClient(create_app(settings)) as client:
+        for version, names in (("listed", "JSON object"), ("headless", "heads")):
+            r = client.post("/admin/reload", json={"version": version}, headers=AUTH)
+            assert r.status_code == 422 and names in r.json()["detail"], r.text
+        assert client.get("/v1/model").json()["version"] == "v1"  # still serving
+        r = client.post("/rank", json={"user_id": user(), "candidates": [1, 2]})
+        assert r.status_code == 200 and r.json()["model_version"] == "v1"
 
 
 def test_reload_under_load_loses_no_request_and_drops_old_states(

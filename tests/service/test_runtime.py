@@ -19,13 +19,15 @@ import pytest
 
 from ifa_common import hashing
 from ifa_common.manifest import (
+    ArtifactError,
     ArtifactHashMismatch,
     ArtifactMissing,
     ArtifactWrongModel,
+    sha256_file,
 )
 from ifa_common.records import make_events
 from ifa_common.state import EMPTY_LOG_SCALE, StateVersionMismatch, UserState
-from service.engine.runtime import ItemTable, ModelRuntime
+from service.engine.runtime import ModelRuntime
 
 torch = pytest.importorskip("torch")
 
@@ -178,27 +180,6 @@ def test_categories_come_from_the_item_table(rt: ModelRuntime) -> None:
     np.testing.assert_array_equal(a.S, b.S)
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_item_table_lookup(sparse: bool) -> None:
-    rng = np.random.default_rng(11)
-    ids = np.unique(rng.integers(0, 2**62 if sparse else 5000, 2000))
-    cats = rng.integers(0, 100, ids.size)
-    table = ItemTable(ids, cats)
-    assert (table.dense is None) == sparse
-    queries = np.concatenate(
-        [rng.choice(ids, 500), rng.integers(0, 2**63 - 1, 500), [0, 2**63 - 1]]
-    )
-    known = dict(zip(ids.tolist(), cats.tolist(), strict=True))
-    want = [known.get(int(q), -1) for q in queries]
-    np.testing.assert_array_equal(table.lookup(queries), want)
-    assert ItemTable(np.zeros(0, np.int64), np.zeros(0, np.int64)).lookup(queries).max() == -1
-    edges = np.array([-1, -(2**63), int(ids[-1]), int(ids[-1]) + 1, int(ids[0])])
-    for q in (queries, edges):  # the per-request fast path is the definition, bucketed
-        for buckets in (7, 1024):
-            want_b = hashing.category_bucket(table.lookup(q), buckets)
-            np.testing.assert_array_equal(table.category_buckets(q, buckets), want_b)
-
-
 def test_score_batch_equals_per_user(rt: ModelRuntime) -> None:
     states = [rt.empty_state(), rt.build_state(_events(10, 6)), rt.build_state(_events(500, 7))]
     rng = np.random.default_rng(8)
@@ -270,6 +251,32 @@ def test_integrity_errors(rt: ModelRuntime, tmp_path: Path) -> None:
 
     with pytest.raises(ArtifactMissing):  # no `latest` in this directory
         ModelRuntime.load(tmp_path, None, prefer_cuda=False)
+
+
+def test_hash_consistent_but_malformed_artifacts_are_artifact_errors(
+    rt: ModelRuntime, tmp_path: Path
+) -> None:
+    """A writer of the directory can make files whose hashes match the manifest; each
+    such malformation is refused by name (the admin reload answers it with a 422)."""
+    no_heads = _copy_version(rt, tmp_path, "no_heads")
+    manifest = json.loads((no_heads / "manifest.json").read_text())
+    del manifest["dims"]["heads"]
+    (no_heads / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"manifest dims unusable.*heads"):
+        ModelRuntime.load(tmp_path, "no_heads", prefer_cuda=False)
+
+    a_list = _copy_version(rt, tmp_path, "a_list")
+    (a_list / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ArtifactError, match="JSON object, not list"):
+        ModelRuntime.load(tmp_path, "a_list", prefer_cuda=False)
+
+    no_ids = _copy_version(rt, tmp_path, "no_ids")
+    np.savez(no_ids / "items.npz", category=np.arange(3))
+    manifest = json.loads((no_ids / "manifest.json").read_text())
+    manifest["files"]["items.npz"] = sha256_file(no_ids / "items.npz")
+    (no_ids / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="no item_id"):
+        ModelRuntime.load(tmp_path, "no_ids", prefer_cuda=False)
 
 
 def test_load_latest_providers_and_warmup(rt: ModelRuntime) -> None:

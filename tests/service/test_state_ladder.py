@@ -77,6 +77,7 @@ class MemoryStore:
         self.events = make_events(np.arange(n_events), T0 + np.arange(n_events))
         self.down = False
         self.calls: list[str] = []
+        self.ranges: list[tuple[int, int]] = []  # what read_range was asked for
 
     def _call(self, name: str) -> None:
         self.calls.append(name)
@@ -95,6 +96,7 @@ class MemoryStore:
 
     async def read_range(self, user: str, start: int, stop: int) -> np.ndarray:
         self._call("read_range")
+        self.ranges.append((start, stop))
         return self.events[start:stop]
 
     async def append(self, user: str, records: bytes, idempotency_key: str | None) -> AppendResult:
@@ -111,9 +113,9 @@ class MemoryStore:
 
 
 def ladder(
-    n_events: int, ms_per_event: float = 1e-6
+    n_events: int, ms_per_event: float = 1e-6, inline_events: int = 256
 ) -> tuple[StateResolver, ModelSlot, MemoryStore, CountingRuntime, Metrics]:
-    settings = Settings(redis_url="redis://127.0.0.1:1", refresh_inline_events=256)
+    settings = Settings(redis_url="redis://127.0.0.1:1", refresh_inline_events=inline_events)
     store, runtime, metrics = MemoryStore(n_events), CountingRuntime(), Metrics()
     resolver = StateResolver(
         settings, store, metrics, InferencePool(1), StateWriteBack(store, max_pending=10)
@@ -133,16 +135,16 @@ def counter(metrics: Metrics, name: str, **labels: str) -> float:
 
 
 def test_cold_user_with_time_to_spare_gets_the_whole_history() -> None:
-    resolver, slot, _, _, metrics = ladder(1000)
+    resolver, slot, _, _, _ = ladder(1000)
     ctx = context(slot, budget_s=60)
     state = asyncio.run(resolver.resolve(ctx))
     assert (state.n, ctx.degraded) == (1000, None)
     assert slot.cache.get(USER) is not None and slot.cache.get(USER).n == 1000  # type: ignore[union-attr]
-    assert counter(metrics, "ifa_state_cache_total", result="miss") == 1
+    assert (ctx.cache_result, ctx.state_source, ctx.sequence_length) == ("miss", "build", 1000)
 
 
 def test_warm_user_is_one_round_trip_and_no_build() -> None:
-    resolver, slot, store, runtime, metrics = ladder(500)
+    resolver, slot, store, runtime, _ = ladder(500)
 
     async def twice() -> tuple[UserState, RankContext]:
         await resolver.resolve(context(slot, 60))
@@ -154,7 +156,7 @@ def test_warm_user_is_one_round_trip_and_no_build() -> None:
     state, ctx = asyncio.run(twice())
     assert (state.n, ctx.degraded) == (500, None)
     assert store.calls == ["snapshot"] and runtime.built == []
-    assert counter(metrics, "ifa_state_cache_total", result="hit") == 1
+    assert (ctx.cache_result, ctx.state_source) == ("hit", "local")
 
 
 def test_a_short_tail_is_folded_from_the_snapshot_alone() -> None:
@@ -175,7 +177,7 @@ def test_a_short_tail_is_folded_from_the_snapshot_alone() -> None:
 
 def test_a_build_that_cannot_fit_answers_partially_and_finishes_behind() -> None:
     # the plan says 1,000 events cost 10 s; the deadline has already passed
-    resolver, slot, _, _, metrics = ladder(1000, ms_per_event=10.0)
+    resolver, slot, store, runtime, metrics = ladder(1000, ms_per_event=10.0)
 
     async def run() -> tuple[UserState, RankContext]:
         ctx = context(slot, budget_s=-1.0)
@@ -189,6 +191,44 @@ def test_a_build_that_cannot_fit_answers_partially_and_finishes_behind() -> None
     full = slot.cache.get(USER)
     assert full is not None and full.n == 1000  # the next request is warm
     assert counter(metrics, "ifa_background_builds_total", result="ok") == 1
+    # The full build took over the recent events the answer built: each event read and
+    # built once.
+    assert store.ranges == [(1000 - MIN_PARTIAL_EVENTS, 1000), (0, 1000 - MIN_PARTIAL_EVENTS)]
+    assert runtime.built == [MIN_PARTIAL_EVENTS, 1000 - MIN_PARTIAL_EVENTS]
+
+
+def test_a_gap_below_the_partial_floor_is_built_whole_and_not_flagged() -> None:
+    # 40 events behind, over the inline-tail cap, the deadline passed: the floor builds them
+    resolver, slot, store, _, _ = ladder(300, ms_per_event=10.0, inline_events=0)
+
+    async def run() -> tuple[UserState, RankContext]:
+        await resolver.resolve(context(slot, 60))
+        store.events = make_events(np.arange(340), T0 + np.arange(340))
+        ctx = context(slot, budget_s=-1.0)
+        state = await resolver.resolve(ctx)
+        await resolver.drain(timeout_s=60)
+        return state, ctx
+
+    state, ctx = asyncio.run(run())
+    assert (state.n, ctx.degraded, ctx.cache_result) == (340, None, "refresh")
+    assert store.ranges[-1] == (300, 340)  # read once, by the answer; the build reused it
+    full = slot.cache.get(USER)
+    assert full is not None and full.n == 340
+
+
+def test_one_call_records_an_answered_request() -> None:
+    resolver, slot, _, _, _ = ladder(100)
+    ctx = context(slot, 60)
+    asyncio.run(resolver.resolve(ctx))
+    ctx.timings.serialize = 0.5
+    metrics = Metrics()
+    metrics.observe_rank(ctx)
+    assert counter(metrics, "ifa_state_cache_total", result="miss") == 1
+    assert counter(metrics, "ifa_state_source_total", source="build") == 1
+    assert counter(metrics, "ifa_sequence_length_sum") == 100
+    assert counter(metrics, "ifa_rank_candidates_sum") == 10
+    assert counter(metrics, "ifa_rank_stage_duration_seconds_count", stage="serialize") == 1
+    assert counter(metrics, "ifa_rank_degraded_total", reason="partial_state") == 0
 
 
 @pytest.mark.parametrize("cached", [True, False])
