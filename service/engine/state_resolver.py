@@ -92,10 +92,11 @@ class StateResolver:
             )
         except StoreUnavailable as e:
             log.debug("rank %s: %s", user, e)
-            self._cooldown.trip()
+            self._cooldown.failed(e)
             return self._fallback(ctx, cached)
         finally:
             tm.redis += (time.perf_counter() - t) * 1e3
+        self._cooldown.succeeded()
         length = ctx.sequence_length = snap.length
 
         base, source = cached, "local"
@@ -182,8 +183,8 @@ class StateResolver:
                     handoff.set_result(tail)
             try:
                 state = await asyncio.shield(flight)
-            except StoreUnavailable:
-                self._cooldown.trip()
+            except StoreUnavailable as e:
+                self._cooldown.failed(e)
                 return self._fallback(ctx, base)
             finally:
                 tm.redis += info.redis_ms
@@ -221,8 +222,8 @@ class StateResolver:
         info = _Build()
         try:
             recent = await self._read_and_build(slot, user, None, length - n, length, info)
-        except StoreUnavailable:
-            self._cooldown.trip()
+        except StoreUnavailable as e:
+            self._cooldown.failed(e)
             return self._fallback(ctx, base), None
         finally:
             tm.redis += info.redis_ms
@@ -301,8 +302,9 @@ class StateResolver:
             self._background.discard(t)
             ok = not t.cancelled() and t.exception() is None
             self.metrics.background_builds.labels("ok" if ok else "failed").inc()
-            if not ok and not t.cancelled() and isinstance(t.exception(), StoreUnavailable):
-                self._cooldown.trip()
+            error = None if t.cancelled() else t.exception()
+            if isinstance(error, StoreUnavailable):
+                self._cooldown.failed(error)
 
         task.add_done_callback(done)
 

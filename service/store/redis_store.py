@@ -12,8 +12,8 @@ protocol error) surfaces as `StoreUnavailable`; callers decide how to degrade.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -24,8 +24,11 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ifa_common.records import RECORD_SIZE, unpack
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -58,7 +61,12 @@ return {nbytes, tail, state}
 
 
 class StoreUnavailable(RuntimeError):
-    """Redis did not answer (down, too slow, or an error reply)."""
+    """Redis did not answer (down, too slow, or an error reply). `timed_out`: it said
+    nothing in time, which on a saturated CPU happens to a healthy server too."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 class IdempotencyConflict(ValueError):
@@ -160,14 +168,25 @@ class RedisSequenceStore:
         except (RedisError, OSError, TimeoutError) as e:
             if self._on_error is not None:
                 self._on_error(op)
-            await self._drop_idle_connections()
-            raise StoreUnavailable(f"redis {op}: {type(e).__name__}: {e}") from e
+            timed_out = isinstance(e, TimeoutError | RedisTimeoutError)
+            if not timed_out:
+                # A refused or reset connection: after a restart of Redis every pooled
+                # socket is dead; drop them all at once instead of discovering them one
+                # failed request at a time. (A timeout says nothing about the sockets.)
+                await self._drop_idle_connections()
+            raise StoreUnavailable(f"redis {op}: {type(e).__name__}: {e}", timed_out) from e
 
     async def _drop_idle_connections(self) -> None:
-        # After a restart of Redis every pooled socket is dead; drop them all at once
-        # instead of discovering them one failed request at a time.
-        with contextlib.suppress(Exception):  # best effort on an already broken pool
+        try:
             await self.client.connection_pool.disconnect(inuse_connections=False)
+        except asyncio.CancelledError:
+            # redis-py can surface a cancellation from a connection it was closing; only
+            # a cancellation of this task itself may propagate (never a 500 from cleanup).
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        except Exception:  # best effort on an already broken pool
+            log.debug("dropping idle redis connections failed", exc_info=True)
 
     async def snapshot(
         self, user: str, model_version: str, have_n: int | None, tail_cap: int
@@ -251,15 +270,33 @@ class RedisSequenceStore:
 
 
 class Cooldown:
-    """After a Redis failure, /rank skips Redis for a while (answers degrade at once
-    instead of every request paying a timeout against a dead or hung server)."""
+    """After Redis fails, /rank skips it for a while (answers degrade at once instead of
+    every request paying a timeout against a dead or hung server).
 
-    def __init__(self, cooldown_ms: float) -> None:
+    A refused or broken connection trips it at once. A timeout trips it only as the
+    `timeouts_to_trip`-th in a row with no success between: on a CPU-saturated box a
+    healthy Redis' replies are read late now and then, and taking that for an outage
+    would turn most answers stale (a hung server times out every call and still trips)."""
+
+    def __init__(self, cooldown_ms: float, timeouts_to_trip: int = 3) -> None:
         self._cooldown = cooldown_ms / 1000.0
+        self._timeouts_to_trip = max(1, timeouts_to_trip)
+        self._timeouts = 0
         self._until = 0.0
 
     def blocked(self) -> bool:
         return time.monotonic() < self._until
+
+    def failed(self, error: StoreUnavailable) -> None:
+        if error.timed_out:
+            self._timeouts += 1
+            if self._timeouts < self._timeouts_to_trip:
+                return
+        self._timeouts = 0
+        self.trip()
+
+    def succeeded(self) -> None:
+        self._timeouts = 0
 
     def trip(self) -> None:
         self._until = time.monotonic() + self._cooldown

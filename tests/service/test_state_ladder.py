@@ -23,7 +23,7 @@ from service.engine.state_cache import StateCache, StateWriteBack
 from service.engine.state_resolver import MIN_PARTIAL_EVENTS, StateResolver
 from service.metrics import Metrics
 from service.settings import Settings
-from service.store.redis_store import AppendResult, Snapshot, StoreUnavailable
+from service.store.redis_store import AppendResult, Cooldown, Snapshot, StoreUnavailable
 
 USER = "u1"
 T0 = 1_700_000_000
@@ -76,6 +76,7 @@ class MemoryStore:
     def __init__(self, n_events: int) -> None:
         self.events = make_events(np.arange(n_events), T0 + np.arange(n_events))
         self.down = False
+        self.slow = 0  # the next `slow` calls time out (a late reply, not a dead server)
         self.calls: list[str] = []
         self.ranges: list[tuple[int, int]] = []  # what read_range was asked for
 
@@ -83,6 +84,9 @@ class MemoryStore:
         self.calls.append(name)
         if self.down:
             raise StoreUnavailable("redis down")
+        if self.slow > 0:
+            self.slow -= 1
+            raise StoreUnavailable("redis snapshot: TimeoutError", timed_out=True)
 
     async def snapshot(
         self, user: str, model_version: str, have_n: int | None, tail_cap: int
@@ -252,3 +256,47 @@ def test_redis_down_answers_from_the_cache_or_an_empty_history(cached: bool) -> 
     else:
         assert (ctx.degraded, state.n) == ("no_history", 0)
     assert calls == ["snapshot"]
+
+
+def test_a_late_reply_now_and_then_does_not_take_redis_for_down() -> None:
+    resolver, slot, store, _, _ = ladder(200)
+
+    async def run() -> list[str | None]:
+        await resolver.resolve(context(slot, 60))
+        reasons = []
+        for slow in (1, 0, 1, 0, 2, 0):  # isolated timeouts between successes
+            store.slow = slow
+            for _ in range(max(slow, 1)):
+                ctx = context(slot, 60)
+                await resolver.resolve(ctx)
+                reasons.append(ctx.degraded)
+        return reasons
+
+    # each timed-out request answers from the cache; the next one asks Redis again
+    stale, whole = "stale_state", None
+    assert asyncio.run(run()) == [stale, whole, stale, whole, stale, stale, whole]
+
+
+def test_timeouts_in_a_row_trip_the_cooldown() -> None:
+    resolver, slot, store, _, _ = ladder(200)
+
+    async def run() -> list[str]:
+        await resolver.resolve(context(slot, 60))
+        store.slow = 100  # a hung server: every call times out
+        store.calls.clear()
+        for _ in range(10):
+            await resolver.resolve(context(slot, 60))
+        return list(store.calls)
+
+    assert asyncio.run(run()) == ["snapshot"] * 3  # the third timeout trips it
+
+
+def test_cooldown_trips_at_once_on_a_broken_connection() -> None:
+    cooldown = Cooldown(cooldown_ms=60_000, timeouts_to_trip=3)
+    cooldown.failed(StoreUnavailable("late", timed_out=True))
+    cooldown.failed(StoreUnavailable("late", timed_out=True))
+    cooldown.succeeded()
+    cooldown.failed(StoreUnavailable("late", timed_out=True))
+    assert not cooldown.blocked()  # never three in a row
+    cooldown.failed(StoreUnavailable("connection refused"))
+    assert cooldown.blocked()
