@@ -26,7 +26,7 @@ CANDIDATE_BUCKETS: Final = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000, 10_000)
 SEQUENCE_BUCKETS: Final = (0, 10, 100, 1_000, 10_000, 50_000, 100_000, 500_000, 1_000_000)
 
 OUTCOMES: Final = ("ok", "degraded", "rejected", "error")
-STAGES: Final = ("redis", "state", "score", "serialize")
+STAGES: Final = ("queue", "redis", "state", "score", "serialize")
 API_ROUTES: Final = ("/rank", "/events", "/v1/model", "/admin/reload")  # counted by HTTP code
 CACHE_RESULTS: Final = ("hit", "refresh", "miss")
 DEGRADED_REASONS: Final = ("partial_state", "stale_state", "no_history", "overloaded")
@@ -46,7 +46,8 @@ CONTRACT_METRICS: Final = (
 
 
 class StageTimes(Protocol):
-    redis: float  # ms
+    queue: float  # ms
+    redis: float
     state: float
     score: float
     serialize: float
@@ -77,7 +78,7 @@ class Metrics:
         self.request_duration = Histogram(
             "ifa_rank_request_duration_seconds",
             "POST /rank wall time, measured in ASGI middleware from the first byte in to the last "
-            "byte out; outcome rejected = 503, error = any other 4xx/5xx",
+            "byte out; outcome rejected = 503, error = any other 4xx/5xx (499: the client went away)",
             ["outcome"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -173,6 +174,7 @@ class Metrics:
         wall time and HTTP outcome are the request middleware's, which sees every route)."""
         tm = rec.timings
         self.candidates.observe(rec.candidates)
+        self.stage_duration.labels("queue").observe(tm.queue / 1e3)
         self.stage_duration.labels("redis").observe(tm.redis / 1e3)
         self.stage_duration.labels("state").observe(tm.state / 1e3)
         self.stage_duration.labels("score").observe(tm.score / 1e3)

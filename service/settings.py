@@ -111,6 +111,14 @@ class Settings(BaseSettings):
         le=100_000,
         description="in-flight `/rank` at which new ones get 503 + `Retry-After` (≥ `IFA_INFER_WORKERS`)",
     )
+    shed_min_wait_ms: float = Field(
+        default=10.0,
+        ge=0,
+        le=60_000,
+        description="a `/rank` that has waited (event loop, inference queue) past its budget is "
+        "shed with 503 + `Retry-After` once the wait is at least this; shorter waits are "
+        "scheduling jitter, and a tiny budget is answered degraded instead",
+    )
     state_cache_size: int = Field(
         default=100_000,
         ge=1,

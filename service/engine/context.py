@@ -13,7 +13,8 @@ from service.engine.slot import ModelSlot
 
 @dataclass(slots=True)
 class Timings:
-    redis: float = 0.0  # ms
+    queue: float = 0.0  # ms: arrival (HTTP middleware) to the use case's admission
+    redis: float = 0.0
     state: float = 0.0
     score: float = 0.0
     serialize: float = 0.0  # filled in by the HTTP layer; not part of the answer
@@ -21,6 +22,7 @@ class Timings:
 
     def as_dict(self) -> dict[str, float]:
         return {
+            "queue": round(self.queue, 3),
             "redis": round(self.redis, 3),
             "state": round(self.state, 3),
             "score": round(self.score, 3),

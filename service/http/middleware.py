@@ -15,6 +15,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,6 +25,10 @@ M = TypeVar("M", bound=BaseModel)
 
 NOT_COUNTED: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 COUNTED_ROUTES: Final = frozenset(API_ROUTES)
+# The client went away before its answer was sent (nginx's "client closed request"): not
+# a server fault, so never counted as a 5xx (a dropping client must not fire 5xx alerts).
+CLIENT_CLOSED: Final = 499
+ARRIVED: Final = "arrived"  # scope["state"] key: perf_counter() when the request arrived
 
 
 class JSONResponse(Response):
@@ -161,7 +166,11 @@ class BodyLimitMiddleware:
 
 
 class RequestMetricsMiddleware:
-    """ifa_rank_request_duration_seconds{outcome} for /rank; response codes per API route."""
+    """ifa_rank_request_duration_seconds{outcome} for /rank; response codes per API route.
+
+    Outermost of ours, so its clock starts first: the arrival time it puts in the scope
+    state is where a request's budget starts (time spent waiting for the event loop
+    counts against the budget, as the `queue` stage)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -173,6 +182,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
+        scope.setdefault("state", {})[ARRIVED] = t0
         status = 500
 
         async def send_wrapper(message: Message) -> None:
@@ -183,6 +193,8 @@ class RequestMetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:
+            status = CLIENT_CLOSED  # nothing can be sent; nothing went wrong here
         finally:
             route = path if path in COUNTED_ROUTES else "other"
             self.metrics.http_responses.labels(route, str(status)).inc()

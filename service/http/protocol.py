@@ -84,8 +84,10 @@ class ScoredItem(BaseModel):
 
 
 class TimingsMs(BaseModel):
-    """The wire form of a request's stage times (engine.context.Timings), in ms."""
+    """The wire form of a request's stage times (engine.context.Timings), in ms. `queue`:
+    from the request's arrival to its admission (waiting for the event loop)."""
 
+    queue: float
     redis: float
     state: float
     score: float
@@ -102,7 +104,13 @@ class RankResponse(BaseModel):
                     "model_version": "ifa-20250101-000000-0123abcd",
                     "items": [{"item_id": 456, "score": 0.91}, {"item_id": 123, "score": 0.42}],
                     "degraded": None,
-                    "timings_ms": {"redis": 0.21, "state": 0.0, "score": 0.35, "total": 0.7},
+                    "timings_ms": {
+                        "queue": 0.05,
+                        "redis": 0.21,
+                        "state": 0.0,
+                        "score": 0.35,
+                        "total": 0.7,
+                    },
                 }
             ]
         }

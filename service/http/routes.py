@@ -20,6 +20,7 @@ from service.http.deps import (
     get_rank,
 )
 from service.http.middleware import (
+    ARRIVED,
     JSONResponse,
     error_response,
     json_bytes,
@@ -81,7 +82,12 @@ async def rank(request: Request) -> Response:
         )
     try:
         result = await use_case.rank(
-            body.user_id, body.candidates, body.top_k, body.budget_ms, body.request_id
+            body.user_id,
+            body.candidates,
+            body.top_k,
+            body.budget_ms,
+            body.request_id,
+            arrived=request.scope.get("state", {}).get(ARRIVED),
         )
     except (Overloaded, ModelNotReady) as e:
         return _unavailable(str(e), e.retry_after_s)

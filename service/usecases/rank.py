@@ -2,8 +2,12 @@
 
 The degradation ladder (docs/design.md §6), in the order a request meets it:
 
-    overloaded     in-flight >= IFA_MAX_INFLIGHT, or the inference queue wait alone
-                   would exceed the budget: `Overloaded` (503 + Retry-After) at once
+    overloaded     in-flight >= IFA_MAX_INFLIGHT, or the time already waited since the
+                   request arrived (the `queue` stage: event loop, body) plus the
+                   inference queue's wait is at least IFA_SHED_MIN_WAIT_MS and, with the
+                   scorer's own time, past the budget: `Overloaded` (503 + Retry-After)
+                   at once. (A budget too small for the work but not spent waiting is
+                   the ladder's to degrade, not a reason to shed.)
     warm / refresh / cold (partial_state) / Redis down (stale_state, no_history):
                    `engine.state_resolver.StateResolver`
 """
@@ -74,18 +78,32 @@ class RankUseCase:
         top_k: int | None = None,
         budget_ms: float | None = None,
         request_id: str | None = None,
+        arrived: float | None = None,
     ) -> RankResult:
-        t0 = time.perf_counter()
+        """`arrived`: perf_counter() when the request came in (None: now); the budget
+        runs from there."""
+        now = time.perf_counter()
+        t0 = now if arrived is None else min(arrived, now)
         slot = self.registry.current()
         budget = float(budget_ms or self.settings.default_budget_ms)
         deadline = t0 + budget / 1000.0
-        if self.inflight >= self.settings.max_inflight or self.pool.expected_wait_ms() > budget:
+        queued_ms = (now - t0) * 1e3
+        wait_ms = queued_ms + self.pool.expected_wait_ms()
+        late = (
+            wait_ms >= self.settings.shed_min_wait_ms
+            and wait_ms + slot.cost.score_ms(len(candidates)) > budget
+        )
+        if self.inflight >= self.settings.max_inflight or late:
             self.metrics.degraded.labels("overloaded").inc()
-            raise Overloaded("overloaded: retry later")
+            raise Overloaded(
+                f"overloaded: {wait_ms:.0f} ms waited or queued against a budget of "
+                f"{budget:.0f} ms; retry later"
+            )
         self.inflight += 1
         self.metrics.inflight.inc()
         try:
             ctx = RankContext(slot, user_id, deadline, candidates=len(candidates))
+            ctx.timings.queue = queued_ms
             return await self._rank(ctx, candidates, top_k, request_id, t0)
         finally:
             self.inflight -= 1

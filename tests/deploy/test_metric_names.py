@@ -37,7 +37,7 @@ CONTRACT_LABELS: dict[str, set[str]] = {
 }
 LABEL_VALUES = {
     "outcome": {"ok", "degraded", "rejected", "error"},
-    "stage": {"redis", "state", "score", "serialize"},
+    "stage": {"queue", "redis", "state", "score", "serialize"},
     "result": {"hit", "refresh", "miss"},
 }
 # Metrics every Prometheus has about its targets; not the service's to export.

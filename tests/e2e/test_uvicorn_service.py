@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from e2e.uvicorn_proc import Service, service_env
+from prometheus_client.parser import text_string_to_metric_families
 from svc_helpers import wait_until
 
 from service.store.embedded_redis import RedisServer
@@ -112,6 +114,36 @@ def test_garbage_never_5xx(service: Service) -> None:
                 assert r.status_code < 500, (path, body[:60], r.status_code, r.text)
         r = c.post("/rank", content=b"x" * 2_000_000, headers={"content-type": "application/json"})
         assert r.status_code == 413
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+def test_a_client_that_drops_mid_body_is_not_a_server_error(service: Service) -> None:
+    url = httpx.URL(service.base_url)
+    head = (
+        b"POST /rank HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: 1000\r\n\r\n"
+    )
+    for _ in range(5):
+        with socket.create_connection((url.host, url.port or 80), timeout=10) as sock:
+            sock.sendall(head + b'{"user_id": "gone", "candid')  # 27 of 1,000 bytes, then away
+    with httpx.Client(base_url=service.base_url, timeout=30) as c:
+
+        def dropped() -> float:
+            text = c.get("/metrics").text
+            return _sample(text, "ifa_http_responses_total", route="/rank", code="499")
+
+        wait_until(lambda: dropped() >= 5)
+        text = c.get("/metrics").text
+        assert _sample(text, "ifa_http_responses_total", route="/rank", code="500") == 0
+        r = c.post("/rank", json={"user_id": "after-drop", "candidates": [1, 2]})
+        assert r.status_code == 200  # and the service answers the next request normally
 
 
 def test_incremental_equals_fresh_across_a_process_restart(

@@ -43,7 +43,7 @@ def test_rank_equals_the_runtime_run_directly(client: TestClient, tiny_artifacts
     resp = rank(client, u, request_id="req-7")
     assert resp["request_id"] == "req-7" and resp["user_id"] == u
     assert resp["model_version"] == "v1" and resp["degraded"] is None
-    assert set(resp["timings_ms"]) == {"redis", "state", "score", "total"}
+    assert set(resp["timings_ms"]) == {"queue", "redis", "state", "score", "total"}
     assert all(v >= 0 for v in resp["timings_ms"].values())
 
     rt = ModelRuntime.load(tiny_artifacts, "v1")

@@ -16,14 +16,16 @@ import pytest
 from ifa_common.records import make_events, pack
 from ifa_common.state import UserState
 from service.engine.context import RankContext
-from service.engine.cost import CostModel
+from service.engine.cost import CostModel, Warmup
 from service.engine.pool import InferencePool
+from service.engine.registry import ModelRegistry
 from service.engine.slot import ModelSlot
 from service.engine.state_cache import StateCache, StateWriteBack
 from service.engine.state_resolver import MIN_PARTIAL_EVENTS, StateResolver
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store.redis_store import AppendResult, Cooldown, Snapshot, StoreUnavailable
+from service.usecases.rank import Overloaded, RankUseCase
 
 USER = "u1"
 T0 = 1_700_000_000
@@ -300,3 +302,35 @@ def test_cooldown_trips_at_once_on_a_broken_connection() -> None:
     assert not cooldown.blocked()  # never three in a row
     cooldown.failed(StoreUnavailable("connection refused"))
     assert cooldown.blocked()
+
+
+def use_case(**settings: Any) -> tuple[RankUseCase, Metrics]:
+    resolver, slot, _, _, metrics = ladder(100)
+    s = Settings(redis_url="redis://127.0.0.1:1", **settings)
+    registry = ModelRegistry(s, metrics, loader=lambda _: (CountingRuntime(), Warmup()))
+    registry.slot = slot
+    return RankUseCase(s, metrics, resolver.pool, registry, resolver), metrics
+
+
+def test_a_request_that_waited_past_its_budget_is_shed_and_counted() -> None:
+    uc, metrics = use_case(shed_min_wait_ms=10)
+    late = time.perf_counter() - 0.050  # arrived 50 ms ago
+    with pytest.raises(Overloaded, match=r"\d+ ms waited or queued against a budget of 40 ms"):
+        asyncio.run(uc.rank(USER, [1, 2], budget_ms=40, arrived=late))
+    assert counter(metrics, "ifa_rank_degraded_total", reason="overloaded") == 1
+    assert uc.inflight == 0
+
+
+def test_the_wait_counts_as_the_queue_stage_and_against_the_budget() -> None:
+    uc, _ = use_case(shed_min_wait_ms=10)
+    arrived = time.perf_counter() - 0.020  # waited 20 ms of a 1 s budget: admitted
+    result = asyncio.run(uc.rank(USER, [1, 2], budget_ms=1000, arrived=arrived))
+    assert result.timings.queue >= 20 and result.timings.total >= result.timings.queue
+    assert result.context.deadline == pytest.approx(arrived + 1.0)
+
+
+def test_a_tiny_budget_not_spent_waiting_is_degraded_not_shed() -> None:
+    uc, _ = use_case(shed_min_wait_ms=10)
+    result = asyncio.run(uc.rank(USER, [1, 2], budget_ms=0.001))  # arrived just now
+    assert result.degraded is None or result.degraded == "partial_state"
+    assert len(result.item_ids) == 2
