@@ -62,6 +62,14 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="KEY=VALUE",
         help="override a model/train config field, e.g. --set feature_map=elu",
     )
+    p.add_argument(
+        "--ddp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="data-parallel on this machine: start N processes (DDP over gloo, users "
+        "sharded by rank); leave it out under torchrun, which starts the ranks itself",
+    )
     p.set_defaults(func=_lazy("model_export.train:main"))
 
     e = sub.add_parser("evaluate", help="metrics of a saved checkpoint on a data set's test split")

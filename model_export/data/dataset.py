@@ -91,13 +91,19 @@ class Dataset:
         "split is not train" (see the module docstring); pass True to score the train
         split the way evaluation does.
         """
-        users = self.users(split)
-        if shuffle:
-            users = np.random.default_rng([self.seed, epoch, 2]).permutation(users)
-        for u in users:
+        for u in self.user_order(split, shuffle=shuffle, epoch=epoch):
             yield self.user_batch(int(u), split, epoch=epoch, fixed_padding=fixed_padding)
 
     users_for = batches  # the name docs/CONTRACTS.md uses
+
+    def user_order(self, split: str, *, shuffle: bool = False, epoch: int = 0) -> np.ndarray:
+        """The user indices `batches` visits, in its order: a permutation seeded by
+        (seed, epoch) when shuffling, the same in every process (distributed training
+        shards this order by rank)."""
+        users = self.users(split)
+        if shuffle:
+            users = np.random.default_rng([self.seed, epoch, 2]).permutation(users)
+        return users
 
     def user_batch(
         self, u: int, split: str, *, epoch: int = 0, fixed_padding: bool | None = None
