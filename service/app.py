@@ -16,6 +16,7 @@ from functools import partial
 
 from fastapi import FastAPI
 
+from service.engine.batcher import ScoreBatcher
 from service.engine.cost import Warmup
 from service.engine.pool import InferencePool
 from service.engine.registry import ModelRegistry
@@ -96,7 +97,14 @@ def create_app(settings: Settings) -> FastAPI:
         writeback.start()
         registry = ModelRegistry(settings, metrics, partial(load_runtime, settings))
         states = StateResolver(settings, store, metrics, pool, writeback)
-        app.state.rank = RankUseCase(settings, metrics, pool, registry, states)
+        batcher = ScoreBatcher(
+            pool,
+            max_delay_us=settings.batch_max_delay_us,
+            max_batch=settings.batch_max_size,
+            inline_ms=settings.inline_score_ms,
+            on_batch=metrics.score_batch_size.observe,
+        )
+        app.state.rank = RankUseCase(settings, metrics, pool, registry, states, batcher)
         app.state.events = EventsUseCase(store, metrics)
         app.state.admin = AdminUseCase(registry, store)
         await registry.load_at_start(settings.model_version)

@@ -23,6 +23,7 @@ LATENCY_BUCKETS: Final = (
     0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
 )  # fmt: skip
 CANDIDATE_BUCKETS: Final = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000, 10_000)
+BATCH_BUCKETS: Final = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 SEQUENCE_BUCKETS: Final = (0, 10, 100, 1_000, 10_000, 50_000, 100_000, 500_000, 1_000_000)
 
 OUTCOMES: Final = ("ok", "degraded", "rejected", "error")
@@ -152,6 +153,13 @@ class Metrics:
             "ifa_background_builds_total",
             "Background state builds (completing a partial answer) by result: ok, failed",
             ["result"],
+            registry=r,
+        )
+        self.score_batch_size = Histogram(
+            "ifa_score_batch_size",
+            "Candidate sets per scorer call run in the inference pool (cross-request "
+            "batching; calls scored inline on the event loop are not counted)",
+            buckets=BATCH_BUCKETS,
             registry=r,
         )
         for o in OUTCOMES:

@@ -87,6 +87,20 @@ class Settings(BaseSettings):
         le=1_000,
         description="score on the event loop, without the two thread hops, when the scorer's estimate is under this (0 = always on the pool); state builds always run on the pool",
     )
+    batch_max_size: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="candidate sets scored in one scorer call across concurrent `/rank` "
+        "requests (1 = no cross-request batching)",
+    )
+    batch_max_delay_us: float = Field(
+        default=200.0,
+        ge=0,
+        le=100_000,
+        description="how long the first queued scorer call waits for others to join its batch "
+        "(only while another is scoring: a request alone is never delayed)",
+    )
     warmup_candidates: Annotated[tuple[int, ...], NoDecode] = Field(
         default=(1, 100, 500, 1000, 2000),
         description="candidate counts run at load (capped at `IFA_MAX_CANDIDATES`); also calibrate the score-time estimate",

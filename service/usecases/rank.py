@@ -23,10 +23,11 @@ from typing import Final
 import numpy as np
 
 from ifa_common.state import UserState
+from service.engine.batcher import ScoreBatcher
 from service.engine.context import RankContext, Timings
 from service.engine.pool import InferencePool
 from service.engine.registry import ModelRegistry
-from service.engine.slot import ModelSlot, Runtime
+from service.engine.slot import ModelSlot
 from service.engine.state_resolver import StateResolver
 from service.metrics import Metrics
 from service.settings import Settings
@@ -63,12 +64,14 @@ class RankUseCase:
         pool: InferencePool,
         registry: ModelRegistry,
         states: StateResolver,
+        batcher: ScoreBatcher,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.pool = pool
         self.registry = registry
         self.states = states
+        self.batcher = batcher
         self.inflight = 0
 
     async def rank(
@@ -138,22 +141,16 @@ class RankUseCase:
         self, slot: ModelSlot, state: UserState, items: np.ndarray, k: int, tm: Timings
     ) -> tuple[np.ndarray, np.ndarray]:
         t = time.perf_counter()
-        if slot.cost.score_ms(items.shape[0]) < self.settings.inline_score_ms:
-            # Sub-millisecond work: the hops to the pool and back (a GIL handoff each way)
-            # cost more than the scorer itself on 2 cores (docs/performance.md). Builds
-            # always go to the pool.
-            out = _score_and_order(slot.runtime, state, items, k)
-        else:
-            out = await self.pool.run(_score_and_order, slot.runtime, state, items, k)
+        cost_ms = slot.cost.score_ms(items.shape[0])
+        logits = await self.batcher.score(slot.runtime, state, items, cost_ms)
+        out = _order(logits, k)
         tm.score += (time.perf_counter() - t) * 1e3
         return out
 
 
-def _score_and_order(
-    rt: Runtime, state: UserState, items: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _order(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities (sigmoid of the logits), best first, ties in request order; top k."""
-    logits = np.asarray(rt.score(state, items), dtype=np.float64)
-    probs = 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid without overflow
+    x = np.asarray(logits, dtype=np.float64)
+    probs = 0.5 * (1.0 + np.tanh(0.5 * x))  # sigmoid without overflow
     order = np.argsort(-probs, kind="stable")[:k]
     return order, probs[order]

@@ -15,6 +15,7 @@ import pytest
 
 from ifa_common.records import make_events, pack
 from ifa_common.state import UserState
+from service.engine.batcher import ScoreBatcher
 from service.engine.context import RankContext
 from service.engine.cost import CostModel, Warmup
 from service.engine.pool import InferencePool
@@ -64,6 +65,11 @@ class CountingRuntime:
 
     def score(self, state: UserState, items: np.ndarray) -> np.ndarray:
         return np.zeros(items.shape[0], np.float32)
+
+    def score_batch(
+        self, states: Sequence[UserState], items: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
+        return [self.score(s, x) for s, x in zip(states, items, strict=True)]
 
     def serialize_state(self, state: UserState) -> bytes:
         return str(state.n).encode()
@@ -309,7 +315,8 @@ def use_case(**settings: Any) -> tuple[RankUseCase, Metrics]:
     s = Settings(redis_url="redis://127.0.0.1:1", **settings)
     registry = ModelRegistry(s, metrics, loader=lambda _: (CountingRuntime(), Warmup()))
     registry.slot = slot
-    return RankUseCase(s, metrics, resolver.pool, registry, resolver), metrics
+    batcher = ScoreBatcher(resolver.pool, max_delay_us=0, max_batch=8, inline_ms=1.0)
+    return RankUseCase(s, metrics, resolver.pool, registry, resolver, batcher), metrics
 
 
 def test_a_request_that_waited_past_its_budget_is_shed_and_counted() -> None:
