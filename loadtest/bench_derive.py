@@ -83,6 +83,15 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
         300.0,
         higher_is_better=True,
     )
+    # The throughput targets: the saturated rate at 16 connections and its tail, and a
+    # rate that does not fall as connections are added.
+    c16 = _get(load, "rank_warm_c16", "rps")
+    target("warm /rank req/s (c=16)", c16, 1000.0, higher_is_better=True)
+    target("warm /rank p99 ms (c=16)", _get(load, "rank_warm_c16", "p99_ms"), 15.0)
+    c1 = _get(load, "rank_warm_c1", "rps")
+    if c16 is not None and c1:
+        derived["rate_c16_over_c1"] = c16 / c1
+    target("warm /rank req/s c=16 / c=1", derived.get("rate_c16_over_c1"), 1.0, True)
     target("overhead ratio (rank p50 / (healthz p50 + score))", derived.get("overhead_ratio"), 1.5)
     cold_total = _get(http, "cold", "server_timings_ms_median")
     cold_build = None

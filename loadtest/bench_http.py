@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest import httpload, wrk
+from loadtest import httpload, openloop, wrk
 from loadtest.bench_plan import FIGURES, BenchPlan
 from loadtest.server import LocalService, http_json
 from loadtest.sysinfo import proc_cpu_s, proc_rss_mib
@@ -148,6 +148,8 @@ def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         }
     out["requests"] = int(sum(r["requests"] for r in runs))
     out["errors"] = int(sum(r["errors"] for r in runs))
+    # 503 + Retry-After: shed by admission (counted among the errors too)
+    out["shed"] = int(sum(int((r.get("status") or {}).get("503", 0)) for r in runs))
     out["tool"] = runs[0]["tool"] if runs else None
     out["concurrency"] = runs[0]["concurrency"] if runs else None
     return out
@@ -232,6 +234,47 @@ def summarise_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- HTTP bench
+def open_loop(
+    svc: LocalService, plan: BenchPlan, bodies: list[bytes | None], load: dict[str, Any]
+) -> dict[str, Any]:
+    """Warm /rank at fixed arrival rates (fractions of the best closed-loop rate), latency
+    from each request's intended send time: the tail a closed loop hides."""
+    saturated = max(
+        (v.get("rps") or 0.0 for k, v in load.items() if k.startswith("rank_warm_c")),
+        default=0.0,
+    )
+    out: dict[str, Any] = {"saturated_rps": saturated, "runs": {}}
+    if saturated <= 0:
+        return out
+    reqs = [
+        httpload.build_request("POST", "/rank", b, host=f"{svc.host}:{svc.port}")
+        for b in bodies
+        if b is not None
+    ]
+    for frac in plan.open_loop_fractions:
+        rate = frac * saturated
+        r = openloop.run_open_loop(
+            svc.host,
+            svc.port,
+            reqs,
+            rate=rate,
+            duration_s=plan.duration_s,
+            warmup_s=plan.warmup_s,
+            connections=plan.open_loop_connections,
+        ).summary()
+        out["runs"][f"{frac:g}"] = r
+        log.info(
+            "open loop %3.0f%% (%.0f req/s): p50 %.2f ms  p99 %.2f ms  achieved %.0f  errors %d",
+            100 * frac,
+            rate,
+            r["p50_ms"],
+            r["p99_ms"],
+            r["rps"],
+            r["errors"],
+        )
+    return out
+
+
 def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> dict[str, Any]:
     import redis
 
@@ -314,6 +357,7 @@ def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> d
                         r["errors"],
                     )
         result["load"] = {k: median_summary(v) for k, v in series.items()}
+        result["open_loop"] = open_loop(svc, plan, bodies, result["load"])
         result["rss_mib_after_load"] = proc_rss_mib(svc.pid)
 
         # The load phase can outlast the server's keep-alive: reconnect on the next request.

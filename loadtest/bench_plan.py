@@ -21,8 +21,11 @@ class BenchPlan:
     cold_warmup: int = 2
     refresh_requests: int = 10
     items: int = 20_000
-    concurrency: tuple[int, ...] = (1, 2, 8)
+    concurrency: tuple[int, ...] = (1, 2, 8, 16)
     healthz_concurrency: tuple[int, ...] = (1, 8)  # the baseline and the generator's ceiling
+    # open loop: fixed arrival rates as fractions of the saturated closed-loop rate
+    open_loop_fractions: tuple[float, ...] = (0.5, 0.8, 1.0)
+    open_loop_connections: int = 64
 
     @classmethod
     def make(

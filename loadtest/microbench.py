@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -127,6 +127,36 @@ def _softmax_full_ms(n: int, m: int, repeats: int) -> tuple[float, float, int]:
     return wall, cpu, 1
 
 
+BATCH_SIZES: Final = (1, 4, 8, 16)
+BATCH_M: Final = (500, 2000)
+
+
+def _each(rt: ModelRuntime, state: Any, sets: list[np.ndarray]) -> None:
+    for x in sets:
+        rt.score(state, x)
+
+
+def _batch_vs_separate(
+    rt: ModelRuntime, state: Any, rng: np.random.Generator, repeats: int
+) -> dict[str, dict[str, float]]:
+    """Scorer ms per candidate set: B sets in one `score_batch` call against B separate
+    `score` calls (what cross-request batching saves, or costs, on this machine)."""
+    out: dict[str, dict[str, float]] = {}
+    for m in BATCH_M:
+        sets = [rng.integers(0, 20_000, m) for _ in range(max(BATCH_SIZES))]
+        for b in BATCH_SIZES:
+            states = [state] * b
+            chosen = sets[:b]
+            batched = _median_ms(partial(rt.score_batch, states, chosen), repeats * 3) / b
+            separate = _median_ms(partial(_each, rt, state, chosen), repeats * 3) / b
+            out[f"M={m} B={b}"] = {
+                "batched_ms_per_set": batched,
+                "separate_ms_per_set": separate,
+                "speedup": separate / batched,
+            }
+    return out
+
+
 def run_microbench(quick: bool, artifacts_dir: str | Path | None = "artifacts") -> dict[str, Any]:
     repeats = 3 if quick else 9
     rng = np.random.default_rng(1)
@@ -155,6 +185,7 @@ def run_microbench(quick: bool, artifacts_dir: str | Path | None = "artifacts") 
         for m, c in cands.items():
             score[str(m)], score_cpu[str(m)] = _measure(partial(rt.score, state, c), repeats * 5)
         out["score_ms"], out["score_cpu_ms"] = score, score_cpu
+        out["score_batch"] = _batch_vs_separate(rt, state, rng, repeats)
         new = _events(100, seed=7)
         new["ts"] += 3 * 365 * 86_400  # the new tail comes after the cached history
         out["fold_100_ms"], out["fold_100_cpu_ms"] = _measure(

@@ -49,6 +49,8 @@ def inprocess_figures(ip: dict[str, Any]) -> dict[str, Any]:
         out["score_ms_500"] = score.get(500)
     if soft:
         out["softmax_full_ms"] = soft
+    if isinstance(ip.get("score_batch"), dict):
+        out["score_batch"] = ip["score_batch"]
     for key in (
         "fold_100_ms",
         "state_bytes",
@@ -130,7 +132,8 @@ def markdown(rep: dict[str, Any]) -> str:
             "## HTTP on loopback (closed loop; median of "
             f"{next(iter(load.values())).get('repeats')} runs)",
             "",
-            "| endpoint | conc. | p50 ms | p90 ms | p99 ms | max ms | req/s | server CPU ms/req | errors |",
+            "| endpoint | conc. | p50 ms | p90 ms | p99 ms | max ms | req/s | server CPU ms/req "
+            "| errors (of which 503) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for key, s in load.items():
@@ -138,7 +141,8 @@ def markdown(rep: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {c} | {_fmt(s.get('p50_ms'))} | {_fmt(s.get('p90_ms'))} | "
                 f"{_fmt(s.get('p99_ms'))} | {_fmt(s.get('max_ms'))} | {_fmt(s.get('rps'), 0)} | "
-                f"{_fmt(s.get('server_cpu_ms_per_req'))} | {s.get('errors')} |"
+                f"{_fmt(s.get('server_cpu_ms_per_req'))} | {s.get('errors')}"
+                f"{' (' + str(s['shed']) + ')' if s.get('shed') else ''} |"
             )
         for name in ("cold", "refresh_100", "first_request", "warm_single"):
             s = http.get(name)
@@ -151,6 +155,25 @@ def markdown(rep: dict[str, Any]) -> str:
                 f"{_fmt(s.get('p99_ms'))} | {_fmt(s.get('max_ms'))} | | server: {stages} | "
                 f"{s.get('errors')}{' degraded ' + str(s['degraded']) if s.get('degraded') else ''} |"
             )
+        ol = http.get("open_loop") or {}
+        if ol.get("runs"):
+            lines += [
+                "",
+                "Open loop (fixed arrival rate, latency from the intended send time, "
+                f"{next(iter(ol['runs'].values())).get('concurrency')} connections; "
+                f"saturated closed-loop rate {_fmt(ol.get('saturated_rps'), 0)} req/s):",
+                "",
+                "| load | target req/s | achieved req/s | p50 ms | p90 ms | p99 ms | max ms "
+                "| errors (of which 503) |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for frac, r in ol["runs"].items():
+                shed = (r.get("status") or {}).get("503", 0)
+                lines.append(
+                    f"| {float(frac):.0%} | {_fmt(r.get('target_rps'), 0)} | {_fmt(r.get('rps'), 0)} "
+                    f"| {_fmt(r.get('p50_ms'))} | {_fmt(r.get('p90_ms'))} | {_fmt(r.get('p99_ms'))} "
+                    f"| {_fmt(r.get('max_ms'))} | {r.get('errors')}{f' ({shed})' if shed else ''} |"
+                )
         lines += [
             "",
             f"Load generator: **{gen.get('chosen')}**; ceilings against /healthz "
@@ -211,6 +234,22 @@ def markdown(rep: dict[str, Any]) -> str:
             ("softmax_full (torch, N=100k) M", "softmax_full_ms"),
         ):
             lines += _ms_table(header, ip.get(key) or {})
+        batch = ip.get("score_batch") or {}
+        if batch:
+            lines += [
+                "",
+                "Cross-request batching on this machine: scorer ms per candidate set, B sets "
+                "in one `score_batch` call against B separate `score` calls:",
+                "",
+                "| sets | batched ms/set | separate ms/set | speedup |",
+                "|---|---:|---:|---:|",
+            ]
+            for name, row in batch.items():
+                lines.append(
+                    f"| {name} | {_fmt(row['batched_ms_per_set'], 3)} "
+                    f"| {_fmt(row['separate_ms_per_set'], 3)} | {_fmt(row['speedup'], 2)} |"
+                )
+            lines.append("")
         for key in (
             "fold_100_ms",
             "ifa_warm_ms",

@@ -95,11 +95,12 @@ class Settings(BaseSettings):
         "requests (1 = no cross-request batching)",
     )
     batch_max_delay_us: float = Field(
-        default=200.0,
+        default=0.0,
         ge=0,
         le=100_000,
-        description="how long the first queued scorer call waits for others to join its batch "
-        "(only while another is scoring: a request alone is never delayed)",
+        description="how long a scorer call that finds no batch running waits for others to "
+        "join it (0: it starts at once, and calls that come while it runs form the next "
+        "batch); a request alone is never delayed",
     )
     warmup_candidates: Annotated[tuple[int, ...], NoDecode] = Field(
         default=(1, 100, 500, 1000, 2000),

@@ -9,11 +9,15 @@ at a time in the inference pool, off the event loop: the loop keeps parsing, rea
 Redis and serialising on the other core while ONNX Runtime (which releases the GIL)
 scores.
 
-A request that finds the batcher idle and nothing queued is scored at once: inline on
-the event loop when its estimated cost is under `inline_ms` (the two GIL handoffs of a
-pool hop cost more than a sub-millisecond scorer call; docs/performance.md), else in the
-pool. So a request alone is never delayed by the batcher at all, and a request that
-queues waits at most `max_delay_us` plus the batch running when it came.
+A call whose estimated cost is under `inline_ms` is scored at once, inline on the event
+loop, batched or not: on a CPU, ONNX Runtime's cost per candidate set does not fall with
+the batch at these sizes (`make bench`: `score_batch` against separate calls), while the
+two GIL handoffs of a pool hop cost more than a sub-millisecond scorer call. Batching is
+for the calls that go to the pool (long candidate lists, heavier models, a GPU, where a
+batch is one kernel launch instead of many). Such a call that finds nothing running
+starts a batch at once when it is `alone` (no other request in flight) or the delay is 0;
+otherwise it waits at most `max_delay_us` for company. One that finds a batch running
+waits for it, and joins the next.
 """
 
 from __future__ import annotations
@@ -87,37 +91,34 @@ class ScoreBatcher:
         self._running = False  # a batch is in the pool now
 
     async def score(
-        self, rt: Runtime, state: UserState, items: np.ndarray, cost_ms: float
+        self,
+        rt: Runtime,
+        state: UserState,
+        items: np.ndarray,
+        cost_ms: float,
+        alone: bool = False,
     ) -> np.ndarray:
-        """Logits (M,) of `items` for `state`, as `rt.score(state, items)` gives them."""
+        """Logits (M,) of `items` for `state`, as `rt.score(state, items)` gives them.
+        `alone`: no other request is in flight, so none can join a batch."""
+        if cost_ms < self.inline_ms:
+            self.stats.inline += 1
+            return rt.score(state, items)
         key = id(rt)
         queue = self._queues.get(key)
-        if not self._running and (queue is None or not queue.jobs):
-            return await self._alone(rt, state, items, cost_ms)
         if queue is None:
             queue = self._queues[key] = _Queue(rt)
         done: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         queue.jobs.append(_Job(state, items, done))
-        if len(queue.jobs) >= self.max_batch or queue.cells() >= self.max_cells:
-            self._flush(key)  # a no-op while a batch runs: its completion flushes this
-        elif queue.timer is None and not self._running:
+        if self._running:
+            pass  # the running batch's completion flushes this queue
+        elif alone or self.max_delay_s == 0 or self._full(queue):
+            self._flush(key)
+        elif queue.timer is None:
             queue.timer = asyncio.get_running_loop().call_later(self.max_delay_s, self._flush, key)
         return await done
 
-    async def _alone(
-        self, rt: Runtime, state: UserState, items: np.ndarray, cost_ms: float
-    ) -> np.ndarray:
-        if cost_ms < self.inline_ms:
-            self.stats.inline += 1
-            return rt.score(state, items)
-        self._running = True
-        try:
-            (out,) = await self.pool.run(rt.score_batch, [state], [items])
-        finally:
-            self._running = False
-            self._record(1)
-            self._kick()
-        return out
+    def _full(self, queue: _Queue) -> bool:
+        return len(queue.jobs) >= self.max_batch or queue.cells() >= self.max_cells
 
     def _take(self, queue: _Queue) -> list[_Job]:
         """The longest prefix of the queue within max_batch and max_cells (at least one)."""

@@ -142,7 +142,8 @@ class RankUseCase:
     ) -> tuple[np.ndarray, np.ndarray]:
         t = time.perf_counter()
         cost_ms = slot.cost.score_ms(items.shape[0])
-        logits = await self.batcher.score(slot.runtime, state, items, cost_ms)
+        alone = self.inflight <= 1
+        logits = await self.batcher.score(slot.runtime, state, items, cost_ms, alone)
         out = _order(logits, k)
         tm.score += (time.perf_counter() - t) * 1e3
         return out

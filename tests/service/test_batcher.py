@@ -37,17 +37,24 @@ def requests(rt: ModelRuntime, n: int, seed: int) -> list[tuple[UserState, np.nd
     return out
 
 
-def run_all(batcher: ScoreBatcher, rt: ModelRuntime, reqs: Sequence[tuple[UserState, np.ndarray]]):  # type: ignore[no-untyped-def]
+def run_all(
+    batcher: ScoreBatcher, rt: ModelRuntime, reqs: Sequence[tuple[UserState, np.ndarray]]
+) -> list[np.ndarray]:
+    """Every request at once; only the first is `alone` (as the first of a burst is)."""
+
     async def main() -> list[np.ndarray]:
-        return list(await asyncio.gather(*(batcher.score(rt, s, x, cost_ms=1.0) for s, x in reqs)))
+        calls = (
+            batcher.score(rt, s, x, cost_ms=1.0, alone=i == 0) for i, (s, x) in enumerate(reqs)
+        )
+        return list(await asyncio.gather(*calls))
 
     return asyncio.run(main())
 
 
 def test_batched_scores_equal_one_call_per_request(rt: ModelRuntime) -> None:
     reqs = requests(rt, 9, seed=1)
-    # inline_ms=0: every call goes to the pool, so the first one runs alone and the
-    # other eight queue behind it (a deterministic way to form batches)
+    # the first call starts a batch in the pool at once; the other eight come while it
+    # runs and queue behind it (a deterministic way to form batches)
     batcher = ScoreBatcher(InferencePool(2), max_delay_us=0, max_batch=4, inline_ms=0.0)
     got = run_all(batcher, rt, reqs)
     for (state, items), logits in zip(reqs, got, strict=True):
@@ -85,6 +92,29 @@ def test_requests_queued_behind_a_batch_wait_for_it_not_for_the_delay(rt: ModelR
     assert batcher.stats.sizes == {1: 1, 4: 1}
 
 
+def test_under_concurrency_the_first_call_waits_the_delay_for_company(rt: ModelRuntime) -> None:
+    reqs = requests(rt, 3, seed=6)
+    batcher = ScoreBatcher(InferencePool(1), max_delay_us=1_000, max_batch=8, inline_ms=0.0)
+
+    async def main() -> list[np.ndarray]:
+        calls = (batcher.score(rt, s, x, cost_ms=1.0, alone=False) for s, x in reqs)
+        return list(await asyncio.gather(*calls))
+
+    got = asyncio.run(main())
+    for (state, items), logits in zip(reqs, got, strict=True):
+        np.testing.assert_allclose(logits, rt.score(state, items), rtol=0, atol=1e-6)
+    assert batcher.stats.sizes == {3: 1}  # the timer's one batch holds all three
+
+
+def test_cheap_calls_are_scored_inline_even_under_concurrency(rt: ModelRuntime) -> None:
+    reqs = requests(rt, 6, seed=7)
+    batcher = ScoreBatcher(InferencePool(1), max_delay_us=1_000, max_batch=8, inline_ms=5.0)
+    got = run_all(batcher, rt, reqs)  # cost 1 ms < 5 ms: on the loop, no pool hop
+    for (state, items), logits in zip(reqs, got, strict=True):
+        np.testing.assert_array_equal(logits, rt.score(state, items))
+    assert batcher.stats.inline == 6 and batcher.stats.batches == 0
+
+
 class Failing:
     """A runtime whose scorer fails: every request of the batch must get the error."""
 
@@ -103,7 +133,10 @@ def test_a_failed_batch_fails_each_of_its_requests(rt: ModelRuntime) -> None:
     failing = Failing(rt)
 
     async def main() -> list[BaseException | np.ndarray]:
-        calls = (batcher.score(failing, s, x, cost_ms=1.0) for s, x in reqs)  # type: ignore[arg-type]
+        calls = (
+            batcher.score(failing, s, x, cost_ms=1.0, alone=i == 0)  # type: ignore[arg-type]
+            for i, (s, x) in enumerate(reqs)
+        )
         return list(await asyncio.gather(*calls, return_exceptions=True))
 
     outs = asyncio.run(main())

@@ -1,0 +1,216 @@
+"""Open-loop HTTP load: requests sent at a fixed arrival rate, whatever the server does.
+
+A closed loop (wrk, locust users, `loadtest.httpload`) sends the next request only when
+the last answer came, so a slow server is sent less and its tail is hidden (coordinated
+omission). Here request i is due at `start + i / rate`; its latency runs from that
+intended time, not from when a connection was free to send it. Requests wait in the
+client's queue when every connection is busy, and that wait counts.
+
+    res = run_open_loop("127.0.0.1", 8000, reqs, rate=800, duration_s=5, connections=64)
+    res.summary()  # latencies from the intended send time; "achieved_rps", "late_ms_p99"
+
+Sends are released by a timer (about 1 ms resolution): every request due by then goes
+at once, so the client's own lateness is at most a timer tick and is counted too.
+Requests still unanswered `drain_s` after the last was due are counted as errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import cast
+
+import numpy as np
+
+from loadtest.httpload import LoadResult
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, run: _OpenRun) -> None:
+        self.run = run
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.need = -1
+        self.intended = 0
+        self.status = 0
+        self.busy = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.run.release(self)
+
+    def send(self, intended_ns: int, req: bytes) -> None:
+        assert self.transport is not None
+        self.busy = True
+        self.buf.clear()
+        self.need = -1
+        self.intended = intended_ns
+        self.transport.write(req)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.need < 0:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buf[:end]).lower()
+            pos = head.find(b"\r\ncontent-length:")
+            if pos < 0:
+                self.run.record(self.intended, 0, ok=False)
+                self.close()
+                return
+            stop = head.find(b"\r\n", pos + 2)
+            self.status = int(head[9:12]) if head[:5] == b"http/" else 0
+            self.need = end + 4 + int(head[pos + 17 : stop if stop >= 0 else len(head)])
+        if len(self.buf) >= self.need:
+            self.busy = False
+            self.run.record(self.intended, self.status, ok=True)
+            self.run.release(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.busy:
+            self.busy = False
+            self.run.record(self.intended, 0, ok=False)
+        self.transport = None
+        self.run.lost(self)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _OpenRun:
+    def __init__(self, warmup_end_ns: int) -> None:
+        self.warmup_end_ns = warmup_end_ns
+        self.queue: deque[tuple[int, bytes]] = deque()
+        self.idle: list[_Conn] = []
+        self.latencies_ns: list[int] = []
+        self.status_counts: dict[int, int] = {}
+        self.errors = 0
+        self.answered = 0
+        self.open = 0
+        self.drained = asyncio.Event()  # set whenever nothing is outstanding
+        self.first_intended = 0
+        self.last_done = 0
+
+    def submit(self, intended_ns: int, req: bytes) -> None:
+        self.open += 1
+        self.drained.clear()
+        if self.idle:
+            self.idle.pop().send(intended_ns, req)
+        else:
+            self.queue.append((intended_ns, req))
+
+    def release(self, conn: _Conn) -> None:
+        if self.queue:
+            conn.send(*self.queue.popleft())
+        else:
+            self.idle.append(conn)
+
+    def lost(self, conn: _Conn) -> None:
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+    def record(self, intended_ns: int, status: int, ok: bool) -> None:
+        now = time.perf_counter_ns()
+        self.answered += 1
+        self.open -= 1
+        if self.open == 0:
+            self.drained.set()
+        if intended_ns < self.warmup_end_ns:
+            return
+        self.status_counts[status] = self.status_counts.get(status, 0) + 1
+        if not ok or not 200 <= status < 300:
+            self.errors += 1
+            return
+        if not self.first_intended:
+            self.first_intended = intended_ns
+        self.last_done = now
+        self.latencies_ns.append(now - intended_ns)
+
+
+async def run_open_loop_async(
+    host: str,
+    port: int,
+    requests: Sequence[bytes],
+    rate: float,
+    duration_s: float = 5.0,
+    warmup_s: float = 1.0,
+    connections: int = 64,
+    drain_s: float = 5.0,
+) -> LoadResult:
+    """`rate` requests per second for warm-up + duration over up to `connections`
+    keep-alive connections; latency from each request's intended send time."""
+    if rate <= 0 or connections < 1:
+        raise ValueError("rate must be > 0 and connections >= 1")
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter_ns() + 50_000_000  # connections open first
+    run = _OpenRun(warmup_end_ns=start + int(warmup_s * 1e9))
+    conns = [
+        (await loop.create_connection(lambda: _Conn(run), host, port))[1]
+        for _ in range(connections)
+    ]
+    source = itertools.cycle(requests)
+    total = int((warmup_s + duration_s) * rate)
+    period_ns = 1e9 / rate
+    lateness: list[int] = []
+    sent = 0
+    cpu0 = time.process_time()
+    while sent < total:
+        now = time.perf_counter_ns()
+        while sent < total and start + int(sent * period_ns) <= now:
+            intended = start + int(sent * period_ns)
+            lateness.append(now - intended)
+            run.submit(intended, next(source))
+            sent += 1
+        if sent < total:
+            due = start + int(sent * period_ns)
+            await asyncio.sleep(max(0.0, (due - time.perf_counter_ns()) / 1e9))
+    if run.open > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(run.drained.wait(), drain_s)
+    unanswered = run.open
+    for c in conns:
+        c.close()
+    cpu = time.process_time() - cpu0
+    lat = np.asarray(run.latencies_ns, dtype=np.float64) / 1e6
+    window_ns = max(run.last_done - run.first_intended, 1)
+    late = np.asarray(lateness, dtype=np.float64) / 1e6
+    return LoadResult(
+        tool="openloop",
+        concurrency=connections,
+        duration_s=window_ns / 1e9,
+        latencies_ms=lat,
+        errors=run.errors + unanswered,
+        status_counts=run.status_counts,
+        extra={
+            "target_rps": rate,
+            "sent": sent,
+            "unanswered": unanswered,
+            "client_late_ms_p99": float(np.percentile(late, 99)) if late.size else 0.0,
+            "client_cpu_us_per_req": 1e6 * cpu / max(sent, 1),
+        },
+    )
+
+
+def run_open_loop(
+    host: str,
+    port: int,
+    requests: Sequence[bytes],
+    rate: float,
+    duration_s: float = 5.0,
+    warmup_s: float = 1.0,
+    connections: int = 64,
+) -> LoadResult:
+    """Synchronous wrapper on a fresh event loop (uvloop when installed)."""
+    coro = run_open_loop_async(host, port, requests, rate, duration_s, warmup_s, connections)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
+        return asyncio.run(coro)
+    with contextlib.closing(uvloop.new_event_loop()) as loop:
+        return loop.run_until_complete(coro)
