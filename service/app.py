@@ -14,10 +14,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
+import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from service.engine.batcher import ScoreBatcher
 from service.engine.cost import Warmup
+from service.engine.freshness import Freshness
 from service.engine.pool import InferencePool
 from service.engine.registry import ModelRegistry
 from service.engine.slot import Runtime
@@ -32,7 +34,8 @@ from service.http.routes import router
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store.embedded_redis import RedisServer, supervise
-from service.store.redis_store import RedisSequenceStore, make_client
+from service.store.push import InvalidationListener
+from service.store.redis_store import RedisSequenceStore, make_client, seq_key, user_of_seq_key
 from service.usecases.admin import AdminUseCase
 from service.usecases.events import EventsUseCase
 from service.usecases.rank import RankUseCase
@@ -61,6 +64,30 @@ def _redacted(url: str) -> str:
         scheme, _, rest = url.partition("://")
         return f"{scheme}://***@{rest.rpartition('@')[2]}"
     return url
+
+
+def push_listener(
+    client: aioredis.Redis, freshness: Freshness, metrics: Metrics
+) -> InvalidationListener:
+    """The push channel feeding `freshness`: sequence keys (ifa:seq:{user}) to users."""
+    prefix = seq_key("").partition("{")[0]
+
+    def on_keys(keys: list[bytes] | None) -> None:
+        if keys is None:  # FLUSHALL / FLUSHDB
+            freshness.invalidate_all()
+            return
+        metrics.push_invalidations.inc(len(keys))
+        for key in keys:
+            try:
+                freshness.invalidate(user_of_seq_key(key))
+            except ValueError:  # a key under the prefix that seq_key did not write
+                freshness.invalidate_all()
+
+    def on_state(up: bool) -> None:
+        freshness.set_up(up)
+        metrics.push_channel_up.set(1 if up else 0)
+
+    return InvalidationListener(client.connection_pool, prefix, on_keys, on_state)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -96,7 +123,12 @@ def create_app(settings: Settings) -> FastAPI:
         writeback = StateWriteBack(store, max_pending=settings.state_cache_size)
         writeback.start()
         registry = ModelRegistry(settings, metrics, partial(load_runtime, settings))
-        states = StateResolver(settings, store, metrics, pool, writeback)
+        freshness = Freshness(settings.state_cache_size, settings.push_max_staleness_ms / 1e3)
+        listener: asyncio.Task[None] | None = None
+        if settings.warm_check == "push":
+            app.state.push = push_listener(client, freshness, metrics)
+            listener = asyncio.get_running_loop().create_task(app.state.push.run())
+        states = StateResolver(settings, store, metrics, pool, writeback, freshness)
         batcher = ScoreBatcher(
             pool,
             max_delay_us=settings.batch_max_delay_us,
@@ -105,13 +137,15 @@ def create_app(settings: Settings) -> FastAPI:
             on_batch=metrics.score_batch_size.observe,
         )
         app.state.rank = RankUseCase(settings, metrics, pool, registry, states, batcher)
-        app.state.events = EventsUseCase(store, metrics)
+        app.state.events = EventsUseCase(store, metrics, freshness)
         app.state.admin = AdminUseCase(registry, store)
         await registry.load_at_start(settings.model_version)
         try:
             yield
         finally:
             app.state.shutting_down = True
+            if listener is not None:
+                listener.cancel()
             await states.drain(DRAIN_TIMEOUT_S)
             await writeback.close(DRAIN_TIMEOUT_S)
             await pool.shutdown()
@@ -132,6 +166,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics
     app.state.redis_mode = "not started"
     app.state.embedded_redis = None
+    app.state.push = None  # the InvalidationListener in push mode
     app.state.shutting_down = False
     install_error_handlers(app)
     app.include_router(router)

@@ -162,6 +162,17 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.push_channel_up = Gauge(
+            "ifa_push_channel_up",
+            "1 while Redis pushes sequence invalidations to this replica (warm requests then "
+            "skip the Redis round trip), 0 while every request asks Redis",
+            registry=r,
+        )
+        self.push_invalidations = Counter(
+            "ifa_push_invalidations_total",
+            "Sequence invalidations received by push (appends anywhere, deletes, expiries)",
+            registry=r,
+        )
         for o in OUTCOMES:
             self.request_duration.labels(o)
         for s in STAGES:

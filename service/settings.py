@@ -47,6 +47,19 @@ class Settings(BaseSettings):
         le=60_000,
         description="after a failed Redis call, `/rank` skips Redis this long and answers degraded at once",
     )
+    warm_check: Literal["push", "strict"] = Field(
+        default="push",
+        description="how a warm `/rank` knows its cached state is current: `push` (Redis pushes "
+        "every append, client-side-caching invalidations; no round trip while nothing changed) "
+        "or `strict` (one Redis command per request)",
+    )
+    push_max_staleness_ms: float = Field(
+        default=1_000.0,
+        ge=0,
+        le=600_000,
+        description="in push mode, a cached state is re-checked with Redis at least this often "
+        "(the bound on staleness should an invalidation be lost unnoticed)",
+    )
     redis_max_connections: int = Field(
         default=64, ge=1, le=10_000, description="Redis connection pool size (blocking pool)"
     )

@@ -25,6 +25,7 @@ import numpy as np
 from ifa_common.records import RECORD_SIZE, unpack
 from ifa_common.state import StateFormatError, UserState
 from service.engine.context import RankContext
+from service.engine.freshness import Freshness
 from service.engine.pool import InferencePool
 from service.engine.slot import ModelSlot, Runtime
 from service.engine.state_cache import StateWriteBack
@@ -64,6 +65,7 @@ class StateResolver:
     metrics: Metrics
     pool: InferencePool
     writeback: StateWriteBack
+    freshness: Freshness = field(default_factory=lambda: Freshness(1, 0.0))  # never up
     _cooldown: Cooldown = field(init=False)
     _background: set[asyncio.Task[Any]] = field(init=False)
 
@@ -80,9 +82,16 @@ class StateResolver:
         whole, current history (None when it is)."""
         slot, user, tm = ctx.slot, ctx.user, ctx.timings
         cached = slot.cache.get(user)
+        if cached is not None and self.freshness.fresh(user, cached.n):
+            # Redis pushes every append to us: no news is good news (no round trip)
+            ctx.sequence_length = cached.n
+            ctx.cache_result, ctx.state_source = "hit", "local"
+            return cached
         if self._cooldown.blocked():
             return self._fallback(ctx, cached)
         t = time.perf_counter()
+        token = self.freshness.begin(user)
+        answered: int | None = None
         try:
             snap = await self.store.snapshot(
                 user,
@@ -90,11 +99,13 @@ class StateResolver:
                 cached.n if cached is not None else None,
                 self.settings.refresh_inline_events,
             )
+            answered = snap.length
         except StoreUnavailable as e:
             log.debug("rank %s: %s", user, e)
             self._cooldown.failed(e)
             return self._fallback(ctx, cached)
         finally:
+            self.freshness.end(user, token, answered)
             tm.redis += (time.perf_counter() - t) * 1e3
         self._cooldown.succeeded()
         length = ctx.sequence_length = snap.length

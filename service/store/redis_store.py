@@ -77,6 +77,12 @@ def seq_key(user: str) -> str:
     return f"ifa:seq:{{{user}}}"
 
 
+def user_of_seq_key(key: bytes | str) -> str:
+    """seq_key's inverse: b"ifa:seq:{u42}" -> "u42"."""
+    text = key.decode() if isinstance(key, bytes) else key
+    return text[text.index("{") + 1 : text.rindex("}")]
+
+
 def state_key(user: str, model_version: str) -> str:
     return f"ifa:state:{{{user}}}:{model_version}"
 

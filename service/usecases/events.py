@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ifa_common.records import UNKNOWN_CATEGORY, make_events, pack
+from service.engine.freshness import Freshness
 from service.metrics import Metrics
 from service.store.redis_store import AppendResult, SequenceStore
 
 
 class EventsUseCase:
-    def __init__(self, store: SequenceStore, metrics: Metrics) -> None:
+    def __init__(self, store: SequenceStore, metrics: Metrics, freshness: Freshness) -> None:
         self.store = store
         self.metrics = metrics
+        self.freshness = freshness
 
     async def append(
         self,
@@ -26,7 +28,12 @@ class EventsUseCase:
         """Events in the order given; a category of None is stored as unknown."""
         cats = [UNKNOWN_CATEGORY if c is None else c for c in category]
         records = pack(make_events(list(item_id), list(ts), cats, list(action)))
-        result = await self.store.append(user_id, records, idempotency_key)
+        try:
+            result = await self.store.append(user_id, records, idempotency_key)
+        finally:
+            # before the answer (and even when Redis failed after writing): the next
+            # /rank through this replica asks Redis instead of trusting its cache
+            self.freshness.invalidate(user_id)
         if not result.replayed:
             self.metrics.events_appended.inc(result.appended)
         return result

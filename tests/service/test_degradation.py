@@ -66,7 +66,10 @@ def test_redis_stopped_then_restarted(private_redis: RedisServer, tiny_artifacts
 def test_hung_redis_times_out_into_degraded_answers(
     private_redis: RedisServer, tiny_artifacts: Path
 ) -> None:
-    settings = make_settings(private_redis.url, tiny_artifacts, redis_timeout_ms=150)
+    # strict: every request asks Redis (push mode's view of a hung Redis: test_push.py)
+    settings = make_settings(
+        private_redis.url, tiny_artifacts, redis_timeout_ms=150, warm_check="strict"
+    )
     a = user("A")
     assert private_redis.proc is not None
     pid = private_redis.proc.pid
