@@ -67,6 +67,10 @@ def resolve_version(artifacts_dir: Path, version: str | None = None) -> Path:
     path = root / check_version_name(version)
     if not (path / MANIFEST_NAME).is_file():
         raise ArtifactMissing(f"artifact {version!r} has no {MANIFEST_NAME} under {root}")
+    if not path.resolve().is_relative_to(root):
+        # a symlink out of the configured directory: whoever can write the directory
+        # could point the service at any model on the machine
+        raise ArtifactError(f"artifact {version!r} resolves outside {root}: refused")
     return path
 
 
@@ -101,6 +105,8 @@ def verify_files(version_dir: Path, manifest: dict[str, Any]) -> None:
             raise ArtifactError(f"manifest file name {name!r} must be a plain name")
         if not path.is_file():
             raise ArtifactMissing(f"artifact file {name} is missing from {version_dir}")
+        if not path.resolve().is_relative_to(Path(version_dir).resolve()):
+            raise ArtifactError(f"artifact file {name} resolves outside {version_dir}: refused")
         actual = sha256_file(path)
         if actual != digest:
             raise ArtifactHashMismatch(

@@ -88,6 +88,8 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
     c16 = _get(load, "rank_warm_c16", "rps")
     target("warm /rank req/s (c=16)", c16, 1000.0, higher_is_better=True)
     target("warm /rank p99 ms (c=16)", _get(load, "rank_warm_c16", "p99_ms"), 15.0)
+    target("warm /rank p50 ms (M=500, c=1), throughput target", rank, 2.0)
+    target("warm /rank p99 ms (M=2000, c=1)", _get(load, "rank_warm_m2000_c1", "p99_ms"), 10.0)
     c1 = _get(load, "rank_warm_c1", "rps")
     if c16 is not None and c1:
         derived["rate_c16_over_c1"] = c16 / c1

@@ -313,6 +313,10 @@ def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> d
         bodies: list[bytes | None] = [
             rank_body(users[i % len(users)], s) for i, s in enumerate(sets)
         ]
+        big = candidate_sets(rng, plan.warm_users, plan.m_large, plan.items)
+        bodies_large: list[bytes | None] = [
+            rank_body(u, c) for u, c in zip(users, big, strict=True)
+        ]
         conn = http.client.HTTPConnection(svc.host, svc.port, timeout=120)
 
         # First request per warm user: a cold build (big budget, so never partial).
@@ -337,6 +341,8 @@ def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> d
                 ]
                 if c in plan.healthz_concurrency:
                     runs.insert(0, ("healthz", "GET", "/healthz", healthz))
+                if c == 1:  # the long candidate list, one at a time
+                    runs.append((f"rank_warm_m{plan.m_large}", "POST", "/rank", bodies_large))
                 for name, method, path, bs in runs:
                     key = f"{name}_c{c}"
                     before = stage_sums(svc.base_url) if name == "rank_warm" else None

@@ -15,6 +15,7 @@ class BenchPlan:
     warmup_s: float
     n_events: int = 100_000
     m: int = 500
+    m_large: int = 2000  # the long candidate list (warm, one at a time)
     warm_users: int = 8
     bodies_per_user: int = 4
     cold_requests: int = 20

@@ -9,7 +9,8 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.metrics import Metrics
 from service.settings import Settings
@@ -57,8 +58,17 @@ AdminUseCaseDep = Annotated[AdminUseCase, Depends(get_admin)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-async def require_admin(request: Request, settings: SettingsDep) -> None:
-    """Bearer token from IFA_ADMIN_TOKEN: 404 when none is configured, 401 when wrong."""
+# Declares the scheme in the OpenAPI document; the check itself is require_admin's.
+BEARER = HTTPBearer(auto_error=False, description="IFA_ADMIN_TOKEN", scheme_name="adminToken")
+
+
+async def require_admin(
+    request: Request,
+    settings: SettingsDep,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None,
+) -> None:
+    """Bearer token from IFA_ADMIN_TOKEN: 404 when none is configured, 401 when wrong.
+    Runs before the body is read, so a token-less call is a 401 whatever its body."""
     if settings.admin_token is None:
         raise HTTPException(404, "Not Found")
     header = request.headers.get("authorization", "")

@@ -7,7 +7,7 @@ from typing import Any, Final
 
 import orjson
 from fastapi import APIRouter, Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from ifa_common.manifest import ArtifactError, ArtifactMissing
 from service.engine.registry import ModelNotReady
@@ -149,7 +149,12 @@ async def readyz(request: Request, admin: AdminUseCaseDep) -> Response:
     return JSONResponse(info, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics (text format)")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text format)",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}}}},
+)
 async def metrics_endpoint(metrics: MetricsDep) -> Response:
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
@@ -194,11 +199,19 @@ async def model_info(admin: AdminUseCaseDep) -> Response:
         422: {"model": ErrorBody, "description": "the artifact fails verification"},
     },
     summary="Load, verify and warm another model version; swap it in atomically",
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": ReloadRequest.model_json_schema()}},
+        }
+    },
 )
-async def reload(
-    _: AdminDep, admin: AdminUseCaseDep, body: ReloadRequest | None = None
-) -> Response:
-    version = body.version if body is not None else None
+async def reload(request: Request, _: AdminDep, admin: AdminUseCaseDep) -> Response:
+    # The body is read here, after the token check (a body parameter would be parsed
+    # before any dependency, and a token-less call with a bad body would get a 400/422).
+    raw = await request.body()
+    body = parse_body(ReloadRequest, raw) if raw.strip() else ReloadRequest()
+    version = body.version
     try:
         slot, previous = await admin.reload(version)
     except ArtifactMissing as e:

@@ -217,3 +217,20 @@ def test_embedded_redis_when_no_url(tmp_path: Path, tiny_artifacts: Path) -> Non
         )
         r = client.post("/events", json={"user_id": u, "events": random_events(1)})
         assert r.json()["length"] in (4, 5)  # the AOF keeps all but the last second
+
+
+def test_admin_auth_comes_before_the_body_and_the_schema_says_so(
+    redis_url: str, tiny_artifacts: Path
+) -> None:
+    settings = make_settings(redis_url, tiny_artifacts, admin_token=TOKEN)
+    with TestClient(create_app(settings)) as client:
+        for body in (b"{not json", b'{"version": 7}', b'{"version": "../../etc"}'):
+            r = client.post("/admin/reload", content=body)
+            assert r.status_code == 401, (body, r.text)  # no token: 401 whatever the body
+        r = client.post("/admin/reload", content=b"{not json", headers=AUTH)
+        assert r.status_code == 422 and "body" in r.json()["error"]
+        spec = client.get("/openapi.json").json()
+        assert spec["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
+        assert spec["paths"]["/admin/reload"]["post"]["security"] == [{"adminToken": []}]
+        assert "requestBody" in spec["paths"]["/admin/reload"]["post"]
+        assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]

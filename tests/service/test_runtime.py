@@ -279,6 +279,22 @@ def test_hash_consistent_but_malformed_artifacts_are_artifact_errors(
         ModelRuntime.load(tmp_path, "no_ids", prefer_cuda=False)
 
 
+def test_symlinks_out_of_the_artifacts_dir_are_refused(rt: ModelRuntime, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    real = _copy_version(rt, outside, "v7")
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    (root / "v7").symlink_to(real)
+    with pytest.raises(ArtifactError, match="resolves outside"):
+        ModelRuntime.load(root, "v7", prefer_cuda=False)
+    files = _copy_version(rt, root, "v9")
+    (files / "items.npz").unlink()
+    (files / "items.npz").symlink_to(real / "items.npz")  # same bytes, outside the version
+    with pytest.raises(ArtifactError, match=r"items\.npz resolves outside"):
+        ModelRuntime.load(root, "v9", prefer_cuda=False)
+
+
 def test_load_latest_providers_and_warmup(rt: ModelRuntime) -> None:
     root = rt.version_dir.parent
     latest = ModelRuntime.load(root, None, intra_op_threads=2, prefer_cuda=True)
