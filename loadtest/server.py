@@ -38,6 +38,8 @@ TUNED_ENV: dict[str, str] = {
     "IFA_LOG_LEVEL": "warning",
     "IFA_MAX_INFLIGHT": "64",
     "IFA_REDIS_TIMEOUT_MS": "200",
+    # stop() is the end of a run, not a rollout: no drain window (a test sets its own)
+    "IFA_DRAIN_S": "0",
 }
 
 

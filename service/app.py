@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -27,6 +29,7 @@ from service.engine.state_cache import StateWriteBack
 from service.engine.state_resolver import StateResolver
 from service.http.middleware import (
     BodyLimitMiddleware,
+    DrainMiddleware,
     RequestMetricsMiddleware,
     install_error_handlers,
 )
@@ -64,6 +67,37 @@ def _redacted(url: str) -> str:
         scheme, _, rest = url.partition("://")
         return f"{scheme}://***@{rest.rpartition('@')[2]}"
     return url
+
+
+def drain_on_sigterm(app: FastAPI, drain_s: float) -> Callable[[], None]:
+    """Put a drain in front of the server's own SIGTERM handling: /readyz turns 503 and
+    answers close their connections for `drain_s`, then the server's handler runs (stop
+    accepting, finish in-flight requests). A second SIGTERM skips the rest of the drain.
+    Only in the main thread (where the server installed its handler); returns the undo."""
+    if drain_s <= 0 or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    server_handler = signal.getsignal(signal.SIGTERM)
+    if not callable(server_handler):
+        return lambda: None
+    loop = asyncio.get_running_loop()
+
+    def stop(sig: int) -> None:
+        signal.signal(signal.SIGTERM, server_handler)
+        server_handler(sig, None)
+
+    def on_sigterm(sig: int, _frame: object) -> None:
+        if app.state.shutting_down:
+            stop(sig)
+            return
+        app.state.shutting_down = True
+        log.warning("SIGTERM: draining for %.1f s (readyz 503, connections closed)", drain_s)
+        loop.call_soon_threadsafe(loop.call_later, drain_s, stop, sig)
+
+    def undo() -> None:
+        signal.signal(signal.SIGTERM, server_handler)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return undo
 
 
 def push_listener(
@@ -140,6 +174,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.events = EventsUseCase(store, metrics, freshness)
         app.state.admin = AdminUseCase(registry, store)
         await registry.load_at_start(settings.model_version)
+        restore = drain_on_sigterm(app, settings.drain_s)
         try:
             yield
         finally:
@@ -154,6 +189,7 @@ def create_app(settings: Settings) -> FastAPI:
                 supervisor.cancel()
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
+            restore()
             log.info("shut down")
 
     app = FastAPI(
@@ -171,6 +207,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     # The last added is the outermost: metrics see every answer, 413s included.
+    app.add_middleware(DrainMiddleware, draining=lambda: bool(app.state.shutting_down))
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

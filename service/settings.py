@@ -60,6 +60,14 @@ class Settings(BaseSettings):
         description="in push mode, a cached state is re-checked with Redis at least this often "
         "(the bound on staleness should an invalidation be lost unnoticed)",
     )
+    drain_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="after SIGTERM, keep serving this long with `/readyz` 503 and "
+        "`Connection: close` on every answer (clients move away between requests, none is "
+        "reset), then stop accepting and finish what is in flight",
+    )
     redis_max_connections: int = Field(
         default=64, ge=1, le=10_000, description="Redis connection pool size (blocking pool)"
     )
