@@ -8,6 +8,7 @@ reverse order (uvicorn has already drained the HTTP requests in flight by then).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -174,6 +175,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.events = EventsUseCase(store, metrics, freshness)
         app.state.admin = AdminUseCase(registry, store)
         await registry.load_at_start(settings.model_version)
+        if settings.gc_freeze:
+            gc.collect()
+            gc.freeze()
         restore = drain_on_sigterm(app, settings.drain_s)
         try:
             yield
