@@ -57,7 +57,7 @@ def uvicorn_command(host: str, port: int, log_level: str = "warning") -> list[st
         "--loop",
         "uvloop",
         "--http",
-        "httptools",
+        "service.http.arrival:ArrivalHttpToolsProtocol",
         "--no-access-log",
         "--log-level",
         log_level,

@@ -43,7 +43,11 @@ def serve(args: argparse.Namespace) -> int:
         port=int(args.port),
         workers=1,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=(
+            "service.http.arrival:ArrivalHttpToolsProtocol"
+            if importlib.util.find_spec("httptools")
+            else "h11"
+        ),
         lifespan="on",
         log_level=settings.log_level,
         access_log=False,

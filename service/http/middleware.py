@@ -29,6 +29,7 @@ COUNTED_ROUTES: Final = frozenset(API_ROUTES)
 # a server fault, so never counted as a 5xx (a dropping client must not fire 5xx alerts).
 CLIENT_CLOSED: Final = 499
 ARRIVED: Final = "arrived"  # scope["state"] key: perf_counter() when the request arrived
+# (set by service.http.arrival's protocol when uvicorn runs it, else by the middleware)
 
 
 class JSONResponse(Response):
@@ -205,7 +206,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        scope.setdefault("state", {})[ARRIVED] = t0
+        scope.setdefault("state", {}).setdefault(ARRIVED, t0)
         status = 500
 
         async def send_wrapper(message: Message) -> None:

@@ -1,0 +1,82 @@
+"""Sustained load well above what the service can serve within the budget: the excess is
+shed at once with 503 + Retry-After, nothing else goes wrong, and the moment the load
+stops the service answers normally again. Real uvicorn, real Redis, the bench's lean
+closed-loop client (48 connections, so the server, not the client, is the bottleneck)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from e2e.uvicorn_proc import Service, service_env
+
+from loadtest.httpload import LoadResult, build_request, run_load
+from service.store.embedded_redis import RedisServer
+
+CONNECTIONS = 48
+BUDGET_MS = 8.0  # 48 connections queue for longer than this: most must be shed
+
+
+def test_overload_is_shed_with_503_and_retry_after_then_recovers(
+    redis_server: RedisServer, tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    if not redis_server.running():
+        redis_server.start()
+    env = service_env(redis_server.url, tiny_artifacts, IFA_SHED_MIN_WAIT_MS="2")
+    svc = Service(env, tmp_path / "service.log").start()
+    rng = np.random.default_rng(0)
+    bodies = [
+        json.dumps(
+            {
+                "user_id": f"ovl-{i % 8}",
+                "candidates": rng.integers(0, 100, 64).tolist(),
+                "budget_ms": BUDGET_MS,
+            }
+        ).encode()
+        for i in range(32)
+    ]
+    probe_statuses: Counter[int] = Counter()
+    retry_after: set[str | None] = set()
+    served_ms: list[float] = []
+    result: list[LoadResult] = []
+    try:
+        conn = http.client.HTTPConnection(svc.host, svc.port, timeout=30)
+        for b in bodies[:8]:  # every user warm first (the load measures shedding, not builds)
+            conn.request("POST", "/rank", b.replace(b'"budget_ms": 8.0', b'"budget_ms": 60000'))
+            assert conn.getresponse().read() and True
+        reqs = [build_request("POST", "/rank", b, host=f"{svc.host}:{svc.port}") for b in bodies]
+        load = threading.Thread(
+            target=lambda: result.append(run_load(svc.host, svc.port, reqs, CONNECTIONS, 3.0, 0.5))
+        )
+        load.start()
+        while load.is_alive():  # one more client beside the load, reading headers
+            conn.request("POST", "/rank", bodies[0], {"content-type": "application/json"})
+            r = conn.getresponse()
+            payload = r.read()
+            probe_statuses[r.status] += 1
+            if r.status == 503:
+                retry_after.add(r.getheader("retry-after"))
+            elif r.status == 200:
+                served_ms.append(json.loads(payload)["timings_ms"]["total"])
+        load.join()
+        conn.request("POST", "/rank", bodies[1], {"content-type": "application/json"})
+        after = conn.getresponse()
+        after.read()
+        conn.close()
+    finally:
+        clean = svc.stop()
+    (res,) = result
+    statuses = Counter(res.status_counts) + probe_statuses
+    assert set(statuses) <= {200, 503}, statuses  # shed or served, nothing else
+    assert statuses[503] > 0 and statuses[200] > 0, statuses
+    assert probe_statuses[503] > 0 and retry_after == {"1"}, (probe_statuses, retry_after)
+    assert after.status == 200 and clean  # full service the moment the load stops
+    p99 = float(np.percentile(served_ms, 99)) if served_ms else float("nan")
+    print(
+        f"overload: {dict(statuses)} over {res.duration_s:.1f} s; served p99 (server total) "
+        f"{p99:.1f} ms against a {BUDGET_MS:.0f} ms budget"
+    )
