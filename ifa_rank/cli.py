@@ -109,7 +109,9 @@ def _add_service(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     s = sub.add_parser("serve", help="run the ranking service under uvicorn (settings: IFA_*)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: IFA_WORKERS, 1)"
+    )
     s.set_defaults(func=_lazy("service.commands:serve"))
 
     d = sub.add_parser("seed", help="load synthetic or MovieLens histories into Redis")

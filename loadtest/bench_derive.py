@@ -94,6 +94,9 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
     if c16 is not None and c1:
         derived["rate_c16_over_c1"] = c16 / c1
     target("warm /rank req/s c=16 / c=1", derived.get("rate_c16_over_c1"), 1.0, True)
+    w2 = _get(http, "workers", "2") or {}
+    target("warm /rank req/s (c=16, 2 workers)", _get(w2, "rank_warm_c16", "rps"), 1000.0, True)
+    target("warm /rank p99 ms (c=16, 2 workers)", _get(w2, "rank_warm_c16", "p99_ms"), 15.0)
     target("overhead ratio (rank p50 / (healthz p50 + score))", derived.get("overhead_ratio"), 1.5)
     cold_total = _get(http, "cold", "server_timings_ms_median")
     cold_build = None

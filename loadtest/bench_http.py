@@ -275,6 +275,53 @@ def open_loop(
     return out
 
 
+def worker_runs(
+    plan: BenchPlan,
+    artifacts: str,
+    redis_url: str,
+    users: list[str],
+    bodies: list[bytes | None],
+    tool: str,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """The warm /rank runs again against N worker processes on the same Redis (the warm
+    states the single process wrote there are read once per worker, then cached)."""
+    out: dict[str, Any] = {}
+    for n in plan.worker_counts:
+        svc = LocalService(
+            artifacts_dir=artifacts,
+            redis_url=redis_url,
+            workers=n,
+            log_path=out_dir / f"bench-server-w{n}.log",
+        )
+        try:
+            svc.start_service()
+            for _ in range(4 * n):  # every worker sees every user once (warm afterwards)
+                for u in users:
+                    conn = http.client.HTTPConnection(svc.host, svc.port, timeout=120)
+                    post(conn, "/rank", rank_body(u, [1, 2, 3], budget_ms=60_000))
+                    conn.close()
+            loader = Loader(tool, svc)
+            series: dict[str, list[dict[str, Any]]] = {}
+            for _ in range(plan.repeats):
+                for c in plan.worker_concurrency:
+                    r = loader.run("POST", "/rank", bodies, c, plan)
+                    series.setdefault(f"rank_warm_c{c}", []).append(r)
+                    log.info(
+                        "%d workers c=%-3d p50 %.2f ms  p99 %.2f ms  %.0f req/s  errors %d",
+                        n,
+                        c,
+                        r["p50_ms"],
+                        r["p99_ms"],
+                        r["rps"],
+                        r["errors"],
+                    )
+            out[str(n)] = {k: median_summary(v) for k, v in series.items()}
+        finally:
+            svc.stop()
+    return out
+
+
 def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> dict[str, Any]:
     import redis
 
@@ -411,6 +458,9 @@ def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> d
         result["refresh_100"] = summarise_samples(samples)
         conn.close()
         result["rss_mib_end"] = proc_rss_mib(svc.pid)
+        result["workers"] = worker_runs(
+            plan, artifacts, svc.start_redis(), users, bodies, loader.tool, out_dir
+        )
         return result
     finally:
         svc.stop()

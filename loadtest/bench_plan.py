@@ -27,6 +27,9 @@ class BenchPlan:
     # open loop: fixed arrival rates as fractions of the saturated closed-loop rate
     open_loop_fractions: tuple[float, ...] = (0.5, 0.8, 1.0)
     open_loop_connections: int = 64
+    # the same warm runs against several worker processes (`serve --workers N`)
+    worker_counts: tuple[int, ...] = (2,)
+    worker_concurrency: tuple[int, ...] = (1, 8, 16)
 
     @classmethod
     def make(

@@ -174,6 +174,22 @@ def markdown(rep: dict[str, Any]) -> str:
                     f"| {_fmt(r.get('p50_ms'))} | {_fmt(r.get('p90_ms'))} | {_fmt(r.get('p99_ms'))} "
                     f"| {_fmt(r.get('max_ms'))} | {r.get('errors')}{f' ({shed})' if shed else ''} |"
                 )
+        for n, runs in (http.get("workers") or {}).items():
+            lines += [
+                "",
+                f"Warm /rank against {n} worker processes (same Redis, same bodies; 1 process "
+                "above for comparison):",
+                "",
+                f"| conc. | 1 process p50 / p99 ms | req/s | {n} processes p50 / p99 ms | req/s |",
+                "|---:|---:|---:|---:|---:|",
+            ]
+            for key, r in runs.items():
+                one = load.get(key) or {}
+                lines.append(
+                    f"| {key.rpartition('_c')[2]} | {_fmt(one.get('p50_ms'))} / "
+                    f"{_fmt(one.get('p99_ms'))} | {_fmt(one.get('rps'), 0)} | "
+                    f"{_fmt(r.get('p50_ms'))} / {_fmt(r.get('p99_ms'))} | {_fmt(r.get('rps'), 0)} |"
+                )
         lines += [
             "",
             f"Load generator: **{gen.get('chosen')}**; ceilings against /healthz "

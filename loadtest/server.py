@@ -24,6 +24,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -92,6 +93,7 @@ class LocalService:
         cwd: str | Path | None = None,
         log_level: str = "warning",
         stop_timeout_s: float = 15.0,
+        workers: int = 1,
     ) -> None:
         self.artifacts_dir = Path(artifacts_dir) if artifacts_dir else None
         self.log_path = log_path
@@ -101,6 +103,8 @@ class LocalService:
         self.cwd = cwd  # where `service` is imported from (A/B runs of a patched copy)
         self.log_level = log_level  # uvicorn's own (info shows the shutdown sequence)
         self.stop_timeout_s = stop_timeout_s
+        self.workers = workers  # > 1: uvicorn's worker processes, metrics merged as in serve
+        self._metrics_dir: tempfile.TemporaryDirectory[str] | None = None
         self.port = 0
         self.host = "127.0.0.1"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -143,11 +147,17 @@ class LocalService:
             settings["IFA_ARTIFACTS_DIR"] = str(self.artifacts_dir.resolve())
         self.settings_env = dict(sorted(settings.items()))
         env.update(settings)
+        command = uvicorn_command(self.host, self.port, self.log_level)
+        if self.workers > 1:  # what `ifa-rank serve --workers N` prepares (service/commands.py)
+            self._metrics_dir = tempfile.TemporaryDirectory(prefix="ifa-metrics-")
+            env["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir.name
+            env["IFA_WORKER_GROUP"] = uuid.uuid4().hex[:16]
+            command += ["--workers", str(self.workers)]
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            uvicorn_command(self.host, self.port, self.log_level),
+            command,
             env=env,
             cwd=self.cwd,
             stdin=subprocess.DEVNULL,
@@ -202,6 +212,9 @@ class LocalService:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+        if self._metrics_dir is not None:
+            self._metrics_dir.cleanup()
+            self._metrics_dir = None
         return clean
 
     def log(self) -> str:

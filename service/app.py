@@ -40,7 +40,7 @@ from service.settings import Settings
 from service.store.embedded_redis import RedisServer, supervise
 from service.store.push import InvalidationListener
 from service.store.redis_store import RedisSequenceStore, make_client, seq_key, user_of_seq_key
-from service.usecases.admin import AdminUseCase
+from service.usecases.admin import AdminUseCase, control_channel
 from service.usecases.events import EventsUseCase
 from service.usecases.rank import RankUseCase
 
@@ -102,10 +102,15 @@ def drain_on_sigterm(app: FastAPI, drain_s: float) -> Callable[[], None]:
 
 
 def push_listener(
-    client: aioredis.Redis, freshness: Freshness, metrics: Metrics
+    client: aioredis.Redis,
+    freshness: Freshness,
+    metrics: Metrics,
+    track: bool,
+    control: dict[bytes, Callable[[bytes], None]],
 ) -> InvalidationListener:
-    """The push channel feeding `freshness`: sequence keys (ifa:seq:{user}) to users."""
-    prefix = seq_key("").partition("{")[0]
+    """The push channel: sequence keys (ifa:seq:{user}) to users for `freshness` when
+    `track`, and the `control` channels (the sibling workers' reloads)."""
+    prefix = seq_key("").partition("{")[0] if track else None
 
     def on_keys(keys: list[bytes] | None) -> None:
         if keys is None:  # FLUSHALL / FLUSHDB
@@ -119,10 +124,11 @@ def push_listener(
                 freshness.invalidate_all()
 
     def on_state(up: bool) -> None:
-        freshness.set_up(up)
-        metrics.push_channel_up.set(1 if up else 0)
+        if track:
+            freshness.set_up(up)
+            metrics.push_channel_up.set(1 if up else 0)
 
-    return InvalidationListener(client.connection_pool, prefix, on_keys, on_state)
+    return InvalidationListener(client.connection_pool, prefix, on_keys, on_state, channels=control)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -159,10 +165,6 @@ def create_app(settings: Settings) -> FastAPI:
         writeback.start()
         registry = ModelRegistry(settings, metrics, partial(load_runtime, settings))
         freshness = Freshness(settings.state_cache_size, settings.push_max_staleness_ms / 1e3)
-        listener: asyncio.Task[None] | None = None
-        if settings.warm_check == "push":
-            app.state.push = push_listener(client, freshness, metrics)
-            listener = asyncio.get_running_loop().create_task(app.state.push.run())
         states = StateResolver(settings, store, metrics, pool, writeback, freshness)
         batcher = ScoreBatcher(
             pool,
@@ -173,7 +175,15 @@ def create_app(settings: Settings) -> FastAPI:
         )
         app.state.rank = RankUseCase(settings, metrics, pool, registry, states, batcher)
         app.state.events = EventsUseCase(store, metrics, freshness)
-        app.state.admin = AdminUseCase(registry, store)
+        admin = app.state.admin = AdminUseCase(registry, store, settings.worker_group)
+        listener: asyncio.Task[None] | None = None
+        control: dict[bytes, Callable[[bytes], None]] = {}
+        if settings.worker_group:
+            control[control_channel(settings.worker_group).encode()] = admin.on_control
+        if settings.warm_check == "push" or control:
+            track = settings.warm_check == "push"
+            app.state.push = push_listener(client, freshness, metrics, track, control)
+            listener = asyncio.get_running_loop().create_task(app.state.push.run())
         await registry.load_at_start(settings.model_version)
         if settings.gc_freeze:
             gc.collect()
@@ -194,6 +204,7 @@ def create_app(settings: Settings) -> FastAPI:
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
             restore()
+            metrics.close()
             log.info("shut down")
 
     app = FastAPI(

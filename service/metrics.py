@@ -6,6 +6,7 @@ exposes each series at 0 (alerts on `rate(...)` work from the first scrape).
 
 from __future__ import annotations
 
+import os
 from typing import Final, Protocol
 
 from prometheus_client import (
@@ -15,7 +16,10 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
+
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 # 0.5 ms .. 1 s
 LATENCY_BUCKETS: Final = (
@@ -76,6 +80,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        # prometheus_client chose its value store when it was imported, from the same
+        # variable; the parent of several workers sets it (service/commands.py)
+        self.multiprocess = MULTIPROC_ENV in os.environ
         self.request_duration = Histogram(
             "ifa_rank_request_duration_seconds",
             "POST /rank wall time, measured in ASGI middleware from the first byte in to the last "
@@ -116,7 +123,10 @@ class Metrics:
             registry=r,
         )
         self.inflight = Gauge(
-            "ifa_inflight_requests", "/rank requests being served now", registry=r
+            "ifa_inflight_requests",
+            "/rank requests being served now",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.events_appended = Counter(
             "ifa_events_appended_total",
@@ -129,6 +139,7 @@ class Metrics:
             "removed on reload",
             ["version", "provider"],
             registry=r,
+            multiprocess_mode="livemax",  # several workers: 1 while any serves the version
         )
         # Beyond the contract.
         self.state_source = Counter(
@@ -167,6 +178,7 @@ class Metrics:
             "1 while Redis pushes sequence invalidations to this replica (warm requests then "
             "skip the Redis round trip), 0 while every request asks Redis",
             registry=r,
+            multiprocess_mode="livemin",  # several workers: 1 only while all are up
         )
         self.push_invalidations = Counter(
             "ifa_push_invalidations_total",
@@ -209,9 +221,23 @@ class Metrics:
 
     def set_model(self, version: str, provider: str) -> None:
         if self._model_labels is not None:
-            self.model_info.remove(*self._model_labels)
+            if self.multiprocess:  # a removed series would live on in this worker's file
+                self.model_info.labels(*self._model_labels).set(0)
+            else:
+                self.model_info.remove(*self._model_labels)
         self._model_labels = (version, provider)
         self.model_info.labels(version, provider).set(1)
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if not self.multiprocess:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        # Several workers (`ifa-rank serve --workers N`): every worker's values, merged
+        # from the files they write under PROMETHEUS_MULTIPROC_DIR.
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return generate_latest(merged), CONTENT_TYPE_LATEST
+
+    def close(self) -> None:
+        """This worker is going away: drop its live gauges from the merged view."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

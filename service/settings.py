@@ -66,6 +66,19 @@ class Settings(BaseSettings):
         "garbage collector's permanent generation (full collections then scan only what "
         "requests allocate: shorter pauses in the latency tail)",
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="worker processes of `ifa-rank serve` (one core each for the Python work; "
+        "metrics merged, reloads followed, the embedded Redis shared)",
+    )
+    worker_group: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="set by `ifa-rank serve --workers N` for its workers: a model reload on one "
+        "is announced to the others (Redis pub/sub), which load the same version",
+    )
     drain_s: float = Field(
         default=5.0,
         ge=0,

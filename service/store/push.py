@@ -31,17 +31,22 @@ CHANNEL: Final = b"__redis__:invalidate"
 
 
 class InvalidationListener:
+    """`prefix` None: no tracking, only the `channels` (plain pub/sub messages, e.g. the
+    control channel the workers of one `serve` share)."""
+
     def __init__(
         self,
         pool: aioredis.ConnectionPool,
-        prefix: str,
+        prefix: str | None,
         on_keys: Callable[[list[bytes] | None], None],
         on_state: Callable[[bool], None],
         ping_interval_s: float = 0.5,
         retry_s: float = 0.5,
+        channels: dict[bytes, Callable[[bytes], None]] | None = None,
     ) -> None:
         self._pool = pool
         self.prefix = prefix
+        self._channels = dict(channels or {})
         self._on_keys = on_keys
         self._on_state = on_state
         self.ping_interval_s = ping_interval_s
@@ -73,15 +78,25 @@ class InvalidationListener:
             await sub.connect()
             await sub.send_command("CLIENT", "ID")
             client_id = int(await sub.read_response())
-            await sub.send_command("SUBSCRIBE", CHANNEL)
-            await sub.read_response()
+            channels = [*([CHANNEL] if self.prefix is not None else []), *self._channels]
+            await sub.send_command("SUBSCRIBE", *channels)
+            for _ in channels:
+                await sub.read_response()
             await reg.connect()
-            await reg.send_command(
-                "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX", self.prefix
-            )
-            reply = await reg.read_response()
-            if reply not in (b"OK", "OK"):
-                raise RuntimeError(f"CLIENT TRACKING answered {reply!r}")
+            if self.prefix is not None:
+                await reg.send_command(
+                    "CLIENT",
+                    "TRACKING",
+                    "ON",
+                    "REDIRECT",
+                    client_id,
+                    "BCAST",
+                    "PREFIX",
+                    self.prefix,
+                )
+                reply = await reg.read_response()
+                if reply not in (b"OK", "OK"):
+                    raise RuntimeError(f"CLIENT TRACKING answered {reply!r}")
             self.sessions += 1
             self._on_state(True)
             reader = asyncio.create_task(self._read(sub))
@@ -102,7 +117,11 @@ class InvalidationListener:
             async with asyncio.timeout(3 * self.ping_interval_s):
                 msg = await sub.read_response()
             if isinstance(msg, list) and len(msg) == 3 and msg[0] in (b"message", "message"):
-                self._on_keys(msg[2])  # a list of keys, or None for "every key" (FLUSHALL)
+                handler = self._channels.get(msg[1])
+                if handler is not None:
+                    handler(msg[2])
+                elif msg[1] == CHANNEL:
+                    self._on_keys(msg[2])  # a list of keys, or None for "every key" (FLUSHALL)
 
     async def _ping(self, sub: Any, reg: Any) -> None:
         while True:

@@ -123,6 +123,8 @@ class SequenceStore(Protocol):
 
     async def write_states(self, items: Sequence[tuple[str, str, bytes]]) -> None: ...
 
+    async def publish(self, channel: str, message: bytes) -> None: ...
+
     async def length(self, user: str) -> int: ...
 
     async def ping(self) -> None: ...
@@ -264,6 +266,9 @@ class RedisSequenceStore:
             return list(await pipe.execute())
 
         await self._call("write_states", run)
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        await self._call("publish", lambda: self.client.publish(channel, message))
 
     async def length(self, user: str) -> int:
         return (

@@ -63,7 +63,11 @@ def test_overload_is_shed_with_503_and_retry_after_then_recovers(
             elif r.status == 200:
                 served_ms.append(json.loads(payload)["timings_ms"]["total"])
         load.join()
-        conn.request("POST", "/rank", bodies[1], {"content-type": "application/json"})
+        # the load is gone: a request with an ordinary budget is served at once (the
+        # 8 ms one could still meet the tail of the backlog being answered)
+        relaxed = bodies[1].replace(b'"budget_ms": 8.0', b'"budget_ms": 1000')
+        assert relaxed != bodies[1]
+        conn.request("POST", "/rank", relaxed, {"content-type": "application/json"})
         after = conn.getresponse()
         after.read()
         conn.close()

@@ -223,10 +223,10 @@ def test_redis_killed_and_restarted_under_load(
     assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
 
 
-def test_serve_refuses_several_workers(capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_rejects_zero_workers(capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
     from service.commands import serve
 
-    assert serve(argparse.Namespace(host="127.0.0.1", port=0, workers=2)) == 2
-    assert "one process per pod" in capsys.readouterr().err
+    assert serve(argparse.Namespace(host="127.0.0.1", port=0, workers=0)) == 2
+    assert "at least 1" in capsys.readouterr().err

@@ -120,6 +120,9 @@ class MemoryStore:
     async def length(self, user: str) -> int:
         return len(self.events)
 
+    async def publish(self, channel: str, message: bytes) -> None:
+        self._call("publish")
+
     async def ping(self) -> None:
         self._call("ping")
 
