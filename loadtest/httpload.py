@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -265,7 +265,13 @@ def run_load(
     max_requests: int | None = None,
 ) -> LoadResult:
     """Synchronous wrapper: runs the load on a fresh event loop (uvloop when installed)."""
-    coro = run_load_async(host, port, requests, concurrency, duration_s, warmup_s, max_requests)
+    return run_fresh(
+        run_load_async(host, port, requests, concurrency, duration_s, warmup_s, max_requests)
+    )
+
+
+def run_fresh(coro: Coroutine[Any, Any, LoadResult]) -> LoadResult:
+    """Run a load coroutine to completion on a fresh event loop (uvloop when installed)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]

@@ -26,7 +26,7 @@ from typing import cast
 
 import numpy as np
 
-from loadtest.httpload import LoadResult
+from loadtest.httpload import LoadResult, run_fresh
 
 
 class _Conn(asyncio.Protocol):
@@ -207,10 +207,6 @@ def run_open_loop(
     connections: int = 64,
 ) -> LoadResult:
     """Synchronous wrapper on a fresh event loop (uvloop when installed)."""
-    coro = run_open_loop_async(host, port, requests, rate, duration_s, warmup_s, connections)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
-        return asyncio.run(coro)
-    with contextlib.closing(uvloop.new_event_loop()) as loop:
-        return loop.run_until_complete(coro)
+    return run_fresh(
+        run_open_loop_async(host, port, requests, rate, duration_s, warmup_s, connections)
+    )
