@@ -161,4 +161,10 @@ def deserialize(buf: bytes, model_version: str, dims: tuple[int, int, int]) -> U
     z = np.frombuffer(buf, "<f4", h * f, off).reshape(h, f).copy()
     off += 4 * h * f
     S = np.frombuffer(buf, "<f4", h * f * d, off).reshape(h, f, d).copy()
+    # A blob read from Redis is input, not trusted: one with NaN/inf or a negative count
+    # would poison every later fold and score of this user.
+    if n < 0 or t_ref < 0:
+        raise StateFormatError(f"state counts out of range (n={n}, t_ref={t_ref})")
+    if not (np.isfinite(S).all() and np.isfinite(z).all() and np.isfinite(m).all()):
+        raise StateFormatError("state holds non-finite values")
     return UserState(S=S, z=z, m=m, t_ref=int(t_ref), n=int(n))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import signal
 import sys
 import threading
@@ -64,10 +65,12 @@ def load_runtime(settings: Settings, version: str | None) -> tuple[Runtime, Warm
 
 
 def _redacted(url: str) -> str:
-    if "@" in url:  # redis://user:password@host -> redis://***@host
+    """The URL without credentials: redis://user:password@host -> redis://***@host, and a
+    `password=` query parameter (unix:// URLs) -> password=***."""
+    if "@" in url:
         scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.rpartition('@')[2]}"
-    return url
+        url = f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
 
 
 def drain_on_sigterm(app: FastAPI, drain_s: float) -> Callable[[], None]:

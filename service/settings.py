@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     # --- Redis
     redis_url: str | None = Field(
         default=None,
+        repr=False,  # it may carry a password
         description="`redis://`, `rediss://` or `unix://` URL; unset (or empty) = start the embedded server",
     )
     embedded_redis_dir: Path = Field(
@@ -179,6 +180,13 @@ class Settings(BaseSettings):
         ge=1,
         le=100_000_000,
         description="user states held in process (LRU); also bounds the write-back backlog",
+    )
+    state_cache_mb: float = Field(
+        default=2_048.0,
+        gt=0,
+        le=1_048_576,
+        description="memory the in-process state cache may hold, per worker, in MiB (least "
+        "recently used states go first; with IFA_STATE_CACHE_SIZE, whichever bound is hit first)",
     )
     refresh_inline_events: int = Field(
         default=256,

@@ -46,7 +46,10 @@ class ModelRegistry:
             runtime, warm = await asyncio.to_thread(self.loader, version)
             slot = ModelSlot(
                 runtime=runtime,
-                cache=StateCache(self.settings.state_cache_size),
+                cache=StateCache(
+                    self.settings.state_cache_size,
+                    max_bytes=int(self.settings.state_cache_mb * 2**20),
+                ),
                 cost=CostModel.from_warmup(warm),
             )
             self.slot = slot

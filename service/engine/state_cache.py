@@ -18,11 +18,21 @@ from service.store.redis_store import SequenceStore, StoreUnavailable
 log = logging.getLogger(__name__)
 
 
+def state_bytes(state: UserState) -> int:
+    """What one cached state holds in memory (its arrays; the object overhead is small)."""
+    return int(state.S.nbytes + state.z.nbytes + state.m.nbytes) + 64
+
+
 class StateCache:
-    def __init__(self, capacity: int) -> None:
+    """At most `capacity` states and `max_bytes` bytes of them (a larger model's states
+    are larger: the byte bound is what keeps the pod inside its memory limit)."""
+
+    def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._lru: OrderedDict[str, UserState] = OrderedDict()
         self._flights: dict[str, asyncio.Task[UserState]] = {}
 
@@ -44,13 +54,21 @@ class StateCache:
         if old is not None and old.n > state.n:
             self._lru.move_to_end(user)
             return
+        if old is not None:
+            self.nbytes -= state_bytes(old)
         self._lru[user] = state
+        self.nbytes += state_bytes(state)
         self._lru.move_to_end(user)
-        while len(self._lru) > self.capacity:
-            self._lru.popitem(last=False)
+        while len(self._lru) > self.capacity or (
+            self.max_bytes is not None and self.nbytes > self.max_bytes and len(self._lru) > 1
+        ):
+            _, evicted = self._lru.popitem(last=False)
+            self.nbytes -= state_bytes(evicted)
 
     def discard(self, user: str) -> None:
-        self._lru.pop(user, None)
+        old = self._lru.pop(user, None)
+        if old is not None:
+            self.nbytes -= state_bytes(old)
 
     # ---------------------------------------------------------------- single flight
     def flight(self, user: str) -> asyncio.Task[UserState] | None:

@@ -101,3 +101,17 @@ def test_deserialize_refuses_another_model_dims_or_a_damaged_buffer() -> None:
         deserialize(b"XXXX" + buf[4:], "v1", (H, F, D))
     with pytest.raises(StateFormatError, match="short"):
         deserialize(b"IF", "v1", (H, F, D))
+
+
+def test_deserialize_refuses_non_finite_values_and_negative_counts() -> None:
+    s = random_state(np.random.default_rng(1))
+    nan = UserState(S=s.S.copy(), z=s.z, m=s.m, t_ref=s.t_ref, n=s.n)
+    nan.S[0, 0, 0] = np.nan
+    with pytest.raises(StateFormatError, match="non-finite"):
+        deserialize(serialize(nan, "v1"), "v1", (H, F, D))
+    inf = UserState(S=s.S, z=s.z, m=np.full_like(s.m, np.inf), t_ref=s.t_ref, n=s.n)
+    with pytest.raises(StateFormatError, match="non-finite"):
+        deserialize(serialize(inf, "v1"), "v1", (H, F, D))
+    negative = UserState(S=s.S, z=s.z, m=s.m, t_ref=s.t_ref, n=-5)
+    with pytest.raises(StateFormatError, match="out of range"):
+        deserialize(serialize(negative, "v1"), "v1", (H, F, D))

@@ -9,13 +9,20 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from svc_helpers import make_settings, metric_value, random_events, seed_sequence, user
+from svc_helpers import (
+    make_settings,
+    metric_value,
+    random_events,
+    seed_sequence,
+    user,
+    wait_until,
+)
 
 from ifa_common.records import make_events, unpack
 from service.app import create_app
 from service.engine.runtime import ModelRuntime
 from service.engine.state_resolver import MIN_PARALLEL_PART
-from service.store.redis_store import seq_key
+from service.store.redis_store import seq_key, state_key
 
 CANDIDATES = [3, 17, 42, 42, 99, 1000, 7, 0, 123456789, 2**62]
 
@@ -144,6 +151,37 @@ def test_incremental_equals_fresh_across_users_and_restarts(
         np.testing.assert_allclose(
             [s for _, s in by_item(x)], [s for _, s in by_item(y)], atol=1e-4
         )
+
+
+@pytest.mark.parametrize("damage", ["garbage", "foreign", "nan", "truncated"])
+def test_a_bad_state_blob_in_redis_is_dropped_and_rebuilt(
+    redis_url: str, tiny_artifacts: Path, damage: str
+) -> None:
+    u, twin = user("blob"), user("twin")
+    events = random_events(40, seed=8)
+    settings = make_settings(redis_url, tiny_artifacts)
+    with TestClient(create_app(settings)) as client:
+        for who in (u, twin):
+            client.post("/events", json={"user_id": who, "events": events})
+        want = by_item(rank(client, twin))
+        rank(client, u)
+    key = state_key(u, "v1")
+    with redis.Redis.from_url(redis_url) as r:
+        wait_until(lambda: r.exists(key) == 1)  # written back
+        good = bytes(r.get(key) or b"")
+        bad = {
+            "garbage": b"\x00" * 64,
+            "foreign": good.replace(b"v1", b"v9", 1),  # another model version's tag
+            "nan": good[:-4] + np.float32(np.nan).tobytes(),  # a poisoned last S entry
+            "truncated": good[: len(good) // 2],
+        }[damage]
+        r.set(key, bad)
+    with TestClient(create_app(settings)) as client:  # a fresh process: only Redis has it
+        got = rank(client, u)
+        assert got["degraded"] is None
+        np.testing.assert_allclose([s for _, s in by_item(got)], [s for _, s in want], atol=1e-5)
+        assert metric_value(client, "ifa_state_source_total", source="redis") == 0
+        assert metric_value(client, "ifa_state_source_total", source="build") >= 1
 
 
 def test_events_defaults_and_idempotency(client: TestClient) -> None:

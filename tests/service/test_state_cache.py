@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ifa_common.state import UserState
-from service.engine.state_cache import StateCache, StateWriteBack
+from service.engine.state_cache import StateCache, StateWriteBack, state_bytes
 from service.store.redis_store import StoreUnavailable
 
 
@@ -29,6 +29,25 @@ def test_lru_is_bounded_and_evicts_least_recently_used() -> None:
     for i in range(100):
         cache.put(f"x{i}", state(1))
     assert len(cache) == 3
+
+
+def big(n: int, heads: int) -> UserState:
+    s = UserState.empty(heads, 8, 8)
+    return UserState(S=s.S, z=s.z, m=s.m, t_ref=n, n=n)
+
+
+def test_the_byte_bound_evicts_by_memory_not_only_by_count() -> None:
+    one = state_bytes(big(1, 4))
+    cache = StateCache(1000, max_bytes=5 * one)
+    for i in range(20):
+        cache.put(f"u{i}", big(1, 4))
+    assert len(cache) == 5 and cache.nbytes == 5 * one  # the count bound never came near
+    assert all(f"u{i}" in cache for i in range(15, 20))  # the most recent survive
+    cache.put("wide", big(1, 16))  # a larger model's state: 4x the bytes
+    assert cache.nbytes <= 5 * one and "wide" in cache
+    cache.put("wide", big(2, 16))  # replaced, not counted twice
+    cache.discard("wide")
+    assert cache.nbytes == sum(state_bytes(big(1, 4)) for _ in range(len(cache)))
 
 
 def test_put_keeps_the_state_covering_more_events() -> None:
