@@ -7,6 +7,7 @@ from typing import Any, Final
 
 import orjson
 from fastapi import APIRouter, Request
+from pydantic import BaseModel
 from starlette.responses import PlainTextResponse, Response
 
 from ifa_common.manifest import ArtifactError, ArtifactMissing
@@ -47,13 +48,33 @@ ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     503: {"model": ErrorBody, "description": "overloaded or not ready; see Retry-After"},
 }
 
-# /rank parses its body itself; this documents it in the OpenAPI spec
-RANK_BODY_DOC: Final[dict[str, Any]] = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": RankRequest.model_json_schema()}},
+
+def body_doc(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
+    """The OpenAPI request body of a route that parses its body itself. Nested models are
+    inlined: pydantic's `#/$defs/...` references would resolve against the root of the
+    OpenAPI document, where there is no `$defs`."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {"application/json": {"schema": inline(schema)}},
+        }
     }
-}
+
+
+RANK_BODY_DOC: Final = body_doc(RankRequest)
 
 router = APIRouter()
 
@@ -104,8 +125,11 @@ async def rank(request: Request) -> Response:
     response_model=EventsResponse,
     responses={**ERRORS, 409: {"model": ErrorBody, "description": "idempotency key reused"}},
     summary="Append behaviour events to a user's sequence (idempotent with a key)",
+    openapi_extra=body_doc(EventsRequest),
 )
-async def events(body: EventsRequest, use_case: EventsDep, settings: SettingsDep) -> Response:
+async def events(request: Request, use_case: EventsDep, settings: SettingsDep) -> Response:
+    # parsed here, as /rank does: an unparseable body is the same 422 on both routes
+    body = parse_body(EventsRequest, await request.body())
     if len(body.events) > settings.max_events_per_call:
         raise validation_error(
             "events", f"at most {settings.max_events_per_call} events per call", "too_long"
@@ -199,12 +223,7 @@ async def model_info(admin: AdminUseCaseDep) -> Response:
         422: {"model": ErrorBody, "description": "the artifact fails verification"},
     },
     summary="Load, verify and warm another model version; swap it in atomically",
-    openapi_extra={
-        "requestBody": {
-            "required": False,
-            "content": {"application/json": {"schema": ReloadRequest.model_json_schema()}},
-        }
-    },
+    openapi_extra=body_doc(ReloadRequest, required=False),
 )
 async def reload(request: Request, _: AdminDep, admin: AdminUseCaseDep) -> Response:
     # The body is read here, after the token check (a body parameter would be parsed

@@ -99,14 +99,21 @@ class InvalidationListener:
                     raise RuntimeError(f"CLIENT TRACKING answered {reply!r}")
             self.sessions += 1
             self._on_state(True)
-            reader = asyncio.create_task(self._read(sub))
-            pinger = asyncio.create_task(self._ping(sub, reg))
-            done, pending = await asyncio.wait({reader, pinger}, return_when="FIRST_COMPLETED")
-            for task in pending:
-                task.cancel()
-            for task in done:
-                task.result()  # re-raise what ended the session
-            raise ConnectionError("session ended")
+            tasks = {
+                asyncio.create_task(self._read(sub)),
+                asyncio.create_task(self._ping(sub, reg)),
+            }
+            try:
+                done, _ = await asyncio.wait(tasks, return_when="FIRST_COMPLETED")
+                for task in done:
+                    task.result()  # re-raise what ended the session
+                raise ConnectionError("session ended")
+            finally:
+                # both stopped and their outcome collected before the sockets close, also
+                # when this session is cancelled (shutdown): no orphaned task errors
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             for conn in (sub, reg):
                 with contextlib.suppress(Exception):
