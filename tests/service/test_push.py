@@ -37,6 +37,15 @@ def scores(client: TestClient, u: str) -> list[float]:
     return [it["score"] for it in sorted(r.json()["items"], key=lambda it: it["item_id"])]
 
 
+def verified_user(push: TestClient, redis_url: str, n: int) -> tuple[str, list[float]]:
+    """A user with n events whose state the push app has built (first answer) and verified
+    against Redis (second answer); returns the user and that answer's scores."""
+    u = user()
+    seed_sequence(redis_url, u, n)
+    scores(push, u)
+    return u, scores(push, u)
+
+
 @pytest.fixture
 def apps(redis_url: str, tiny_artifacts: Path) -> Iterator[tuple[TestClient, TestClient]]:
     with ExitStack() as stack:
@@ -71,10 +80,7 @@ def test_an_append_through_this_replica_is_in_the_next_answer(
     apps: tuple[TestClient, TestClient], redis_url: str
 ) -> None:
     push, strict = apps
-    u = user()
-    seed_sequence(redis_url, u, 200)
-    scores(push, u)
-    old = scores(push, u)
+    u, old = verified_user(push, redis_url, 200)
     r = push.post("/events", json={"user_id": u, "events": random_events(30, seed=5)})
     assert r.status_code == 200
     new = scores(push, u)  # no wait: the append was acknowledged by this replica
@@ -86,10 +92,7 @@ def test_an_append_elsewhere_reaches_this_replica_by_push(
     apps: tuple[TestClient, TestClient], redis_url: str
 ) -> None:
     push, strict = apps
-    u = user()
-    seed_sequence(redis_url, u, 200)
-    scores(push, u)
-    old = scores(push, u)
+    u, old = verified_user(push, redis_url, 200)
     heard = metric_value(push, "ifa_push_invalidations_total")
     r = strict.post("/events", json={"user_id": u, "events": random_events(30, seed=6)})
     assert r.status_code == 200
