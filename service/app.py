@@ -226,7 +226,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(router)
     # The last added is the outermost: metrics see every answer, 413s included.
     app.add_middleware(DrainMiddleware, draining=lambda: bool(app.state.shutting_down))
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
 

@@ -161,6 +161,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=1_048_576, ge=1024, le=1 << 30, description="request body limit (413 above)"
     )
+    body_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="a request body whose next part takes longer than this to arrive is "
+        "answered 408 (a slow client cannot hold a request open)",
+    )
     max_inflight: int = Field(
         default=64,
         ge=1,

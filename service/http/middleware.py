@@ -6,6 +6,7 @@ per request on the hot path).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
@@ -55,6 +56,11 @@ def error_response(
     if error is not None:
         body["error"] = error
     return JSONResponse(body, status_code=status_code, headers=dict(headers or {}))
+
+
+class BodyTimeout(HTTPException):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"request body not received within {timeout_s:g} s")
 
 
 class BodyTooLarge(HTTPException):
@@ -153,11 +159,14 @@ class DrainMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for a body over `limit` bytes: by Content-Length up front, else while streaming."""
+    """413 for a body over `limit` bytes: by Content-Length up front, else while streaming;
+    408 for a body whose next part takes over `timeout_s` to arrive (a slow client must
+    not hold a request, and its connection, open indefinitely)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float = 10.0) -> None:
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -175,15 +184,23 @@ class BodyLimitMiddleware:
                     await _send_json(send, 413, {"detail": detail, "error": f"body: {detail}"})
                     return
         received = 0
-        limit = self.limit
+        limit, timeout_s = self.limit, self.timeout_s
+        complete = False
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # after the body: e.g. waiting for a disconnect, not timed
+                return await receive()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(limit)
+                complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited, send)

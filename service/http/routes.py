@@ -43,6 +43,7 @@ from service.store.redis_store import IdempotencyConflict, StoreUnavailable
 from service.usecases.rank import Overloaded
 
 ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    408: {"model": ErrorBody, "description": "body not received within IFA_BODY_TIMEOUT_S"},
     413: {"model": ErrorBody, "description": "body larger than IFA_MAX_BODY_BYTES"},
     422: {"model": ErrorBody, "description": "validation error; `error` names the field"},
     503: {"model": ErrorBody, "description": "overloaded or not ready; see Retry-After"},
