@@ -96,6 +96,21 @@ def percentiles_ms(lat: np.ndarray) -> dict[str, float]:
     }
 
 
+def parse_head(buf: bytes | bytearray) -> tuple[int, int] | None:
+    """(status, bytes of the whole response) once the header is in `buf`; None before.
+    The length is -1 when the response has no Content-Length (not supported here)."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = bytes(buf[:end]).lower()
+    status = int(head[9:12]) if head[:5] == b"http/" else 0
+    pos = head.find(b"\r\ncontent-length:")
+    if pos < 0:
+        return status, -1
+    stop = head.find(b"\r\n", pos + 2)
+    return status, end + 4 + int(head[pos + 17 : stop if stop >= 0 else len(head)])
+
+
 class _Conn(asyncio.Protocol):
     """One keep-alive connection that runs requests back to back."""
 
@@ -125,19 +140,14 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if self.need < 0:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
+            head = parse_head(self.buf)
+            if head is None:
                 return
-            head = bytes(self.buf[:end]).lower()
-            self.status = int(head[9:12]) if head[:5] == b"http/" else 0
-            pos = head.find(b"\r\ncontent-length:")
-            if pos < 0:
+            self.status, self.need = head
+            if self.need < 0:  # no Content-Length
                 self.run.record(self.t0, 0, self.status, ok=False)
                 self._abort()
                 return
-            stop = head.find(b"\r\n", pos + 2)
-            length = int(head[pos + 17 : stop if stop >= 0 else len(head)])
-            self.need = end + 4 + length
         if len(self.buf) >= self.need:
             t1 = time.perf_counter_ns()
             self.run.record(self.t0, t1, self.status, ok=200 <= self.status < 300)

@@ -26,7 +26,7 @@ from typing import cast
 
 import numpy as np
 
-from loadtest.httpload import LoadResult, run_fresh
+from loadtest.httpload import LoadResult, parse_head, run_fresh
 
 
 class _Conn(asyncio.Protocol):
@@ -54,18 +54,14 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if self.need < 0:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
+            head = parse_head(self.buf)
+            if head is None:
                 return
-            head = bytes(self.buf[:end]).lower()
-            pos = head.find(b"\r\ncontent-length:")
-            if pos < 0:
+            self.status, self.need = head
+            if self.need < 0:  # no Content-Length
                 self.run.record(self.intended, 0, ok=False)
                 self.close()
                 return
-            stop = head.find(b"\r\n", pos + 2)
-            self.status = int(head[9:12]) if head[:5] == b"http/" else 0
-            self.need = end + 4 + int(head[pos + 17 : stop if stop >= 0 else len(head)])
         if len(self.buf) >= self.need:
             self.busy = False
             self.run.record(self.intended, self.status, ok=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e.uvicorn_proc import Service, service_env
+from e2e.uvicorn_proc import Service, start_service
 
 from service.store.embedded_redis import RedisServer
 
@@ -19,12 +19,8 @@ from service.store.embedded_redis import RedisServer
 def svc(
     redis_server: RedisServer, tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    if not redis_server.running():
-        redis_server.start()
     log = tmp_path_factory.mktemp("hostile") / "service.log"
-    service = Service(
-        service_env(redis_server.url, tiny_artifacts, IFA_BODY_TIMEOUT_S="1"), log
-    ).start()
+    service = start_service(redis_server, tiny_artifacts, log, IFA_BODY_TIMEOUT_S="1")
     yield service
     assert service.stop(), log.read_text()[-3000:]
 

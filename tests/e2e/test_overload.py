@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from e2e.uvicorn_proc import Service, service_env
+from e2e.uvicorn_proc import start_service
 
 from loadtest.httpload import LoadResult, build_request, run_load
 from service.store.embedded_redis import RedisServer
@@ -26,10 +26,9 @@ BUDGET_MS = 3.0
 def test_overload_is_shed_with_503_and_retry_after_then_recovers(
     redis_server: RedisServer, tiny_artifacts: Path, tmp_path: Path
 ) -> None:
-    if not redis_server.running():
-        redis_server.start()
-    env = service_env(redis_server.url, tiny_artifacts, IFA_SHED_MIN_WAIT_MS="1")
-    svc = Service(env, tmp_path / "service.log").start()
+    svc = start_service(
+        redis_server, tiny_artifacts, tmp_path / "service.log", IFA_SHED_MIN_WAIT_MS="1"
+    )
     rng = np.random.default_rng(0)
     bodies = [
         json.dumps(

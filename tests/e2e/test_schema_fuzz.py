@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import schemathesis
-from e2e.uvicorn_proc import TOKEN, Service, service_env
+from e2e.uvicorn_proc import TOKEN, Service, start_service
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.specs.openapi.checks import ignored_auth, positive_data_acceptance
@@ -26,10 +26,8 @@ EXAMPLES = 20  # per operation, mode and token setting
 def fuzzed(
     redis_server: RedisServer, tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    if not redis_server.running():
-        redis_server.start()
     log = tmp_path_factory.mktemp("fuzz") / "service.log"
-    svc = Service(service_env(redis_server.url, tiny_artifacts), log).start()
+    svc = start_service(redis_server, tiny_artifacts, log)
     yield svc
     assert svc.stop(), log.read_text()[-3000:]
     assert "Traceback" not in svc.log(), svc.log()[-3000:]

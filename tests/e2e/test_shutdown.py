@@ -10,7 +10,7 @@ import signal
 import threading
 from pathlib import Path
 
-from e2e.uvicorn_proc import Service, service_env
+from e2e.uvicorn_proc import start_service
 from svc_helpers import wait_until
 
 from service.store.embedded_redis import RedisServer
@@ -21,10 +21,7 @@ CLIENTS = 16
 def test_sigterm_drains_without_resetting_a_request(
     redis_server: RedisServer, tiny_artifacts: Path, tmp_path: Path
 ) -> None:
-    if not redis_server.running():
-        redis_server.start()
-    env = service_env(redis_server.url, tiny_artifacts, IFA_DRAIN_S="2")
-    svc = Service(env, tmp_path / "service.log").start()
+    svc = start_service(redis_server, tiny_artifacts, tmp_path / "service.log", IFA_DRAIN_S="2")
     body = json.dumps({"user_id": "drain-u", "candidates": list(range(50))}).encode()
     answered: list[int] = []
     failures: list[str] = []

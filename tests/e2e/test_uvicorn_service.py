@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from e2e.uvicorn_proc import Service, service_env
+from e2e.uvicorn_proc import Service, service_env, start_service
 from prometheus_client.parser import text_string_to_metric_families
 from svc_helpers import wait_until
 
@@ -24,10 +24,8 @@ T0 = 1_700_000_000
 def service(
     redis_server: RedisServer, tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    if not redis_server.running():
-        redis_server.start()
     log = tmp_path_factory.mktemp("e2e") / "service.log"
-    svc = Service(service_env(redis_server.url, tiny_artifacts), log).start()
+    svc = start_service(redis_server, tiny_artifacts, log)
     yield svc
     assert svc.stop(), log.read_text()[-3000:]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loadtest.server import LocalService
+from service.store.embedded_redis import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "e2e-admin-token"
@@ -47,3 +48,14 @@ def service_env(redis_url: str, artifacts: Path, **extra: str) -> dict[str, str]
     }
     env.update(extra)
     return env
+
+
+def start_service(
+    redis_server: RedisServer, artifacts: Path, log_path: Path, **extra_env: str
+) -> Service:
+    """A started Service on the shared test Redis (restarted first if a test stopped it)."""
+    if not redis_server.running():
+        redis_server.start()
+    svc = Service(service_env(redis_server.url, artifacts, **extra_env), log_path)
+    svc.start()
+    return svc
