@@ -116,6 +116,11 @@ def _add_service(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     d = sub.add_parser("seed", help="load synthetic or MovieLens histories into Redis")
     d.add_argument("--redis-url", default=None, help="default: IFA_REDIS_URL")
+    d.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the URL names a Redis Cluster node (default: IFA_REDIS_CLUSTER)",
+    )
     d.add_argument("--source", default="synthetic", choices=["synthetic", "movielens"])
     d.add_argument("--users", type=int, default=100)
     d.add_argument("--length", type=int, default=1000, help="events per user")

@@ -97,6 +97,9 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
     w2 = _get(http, "workers", "2") or {}
     target("warm /rank req/s (c=16, 2 workers)", _get(w2, "rank_warm_c16", "rps"), 1000.0, True)
     target("warm /rank p99 ms (c=16, 2 workers)", _get(w2, "rank_warm_c16", "p99_ms"), 15.0)
+    cl = _get(http, "cluster") or {}
+    target("warm /rank p50 cluster / one Redis (push, c=1)", cl.get("p50_ratio_push_c1"), 1.2)
+    target("warm /rank p50 cluster / one Redis (strict, c=1)", cl.get("p50_ratio_strict_c1"), 1.2)
     target("overhead ratio (rank p50 / (healthz p50 + score))", derived.get("overhead_ratio"), 1.5)
     cold_total = _get(http, "cold", "server_timings_ms_median")
     cold_build = None

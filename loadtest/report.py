@@ -190,6 +190,7 @@ def markdown(rep: dict[str, Any]) -> str:
                     f"{_fmt(one.get('p99_ms'))} | {_fmt(one.get('rps'), 0)} | "
                     f"{_fmt(r.get('p50_ms'))} / {_fmt(r.get('p99_ms'))} | {_fmt(r.get('rps'), 0)} |"
                 )
+        lines += cluster_table(http.get("cluster") or {})
         lines += [
             "",
             f"Load generator: **{gen.get('chosen')}**; ceilings against /healthz "
@@ -288,3 +289,33 @@ def markdown(rep: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def cluster_table(cl: dict[str, Any]) -> list[str]:
+    """Warm /rank on a Redis Cluster beside one Redis (loadtest/bench_cluster.py)."""
+    if not cl:
+        return []
+    if "error" in cl:
+        return ["", f"Redis Cluster run failed: {cl['error']}"]
+    lines = [
+        "",
+        f"Warm /rank on a Redis Cluster ({cl.get('topology')}) beside one Redis, the same "
+        "users and bodies, interleaved (medians over the repeats):",
+        "",
+        "| warm check | conc. | one Redis p50 / p99 ms | req/s | cluster p50 / p99 ms | req/s "
+        "| p50 cluster / one |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    runs = cl.get("runs") or {}
+    for key, one in runs.items():
+        if not key.startswith("redis_"):
+            continue
+        _, mode, conc = key.split("_")
+        other = runs.get(f"cluster_{mode}_{conc}") or {}
+        lines.append(
+            f"| {mode} | {conc[1:]} | {_fmt(one.get('p50_ms'))} / {_fmt(one.get('p99_ms'))} "
+            f"| {_fmt(one.get('rps'), 0)} | {_fmt(other.get('p50_ms'))} / "
+            f"{_fmt(other.get('p99_ms'))} | {_fmt(other.get('rps'), 0)} "
+            f"| {_fmt(cl.get(f'p50_ratio_{mode}_{conc}'))} |"
+        )
+    return lines

@@ -138,7 +138,18 @@ def movielens_users(path: Path, prefix: str) -> Iterator[tuple[str, np.ndarray]]
 
 
 # ---------------------------------------------------------------------- writing
-def reset_users(client: redis.Redis, users: list[str]) -> None:
+Client = redis.Redis | redis.RedisCluster
+
+
+def connect(url: str, cluster: bool = False) -> Client:
+    """A sync client for seeding: one Redis, or (cluster) redis-py's cluster client, whose
+    pipelines split by node and whose SCAN visits every primary."""
+    if cluster:
+        return redis.RedisCluster.from_url(url, socket_timeout=60)
+    return redis.Redis.from_url(url, socket_timeout=60)
+
+
+def reset_users(client: Client, users: list[str]) -> None:
     """Delete the users' sequences and every cached state of theirs."""
     for start in range(0, len(users), 1000):
         batch = users[start : start + 1000]
@@ -166,7 +177,7 @@ def _user_of(key: bytes) -> str:
 
 
 def write_direct(
-    client: redis.Redis,
+    client: Client,
     users: Iterator[tuple[str, np.ndarray]],
     total_events: int | None = None,
     progress: bool = True,
@@ -254,7 +265,7 @@ def write_via_http(
 
 
 def seed_synthetic(
-    client: redis.Redis,
+    client: Client,
     users: int,
     length: int,
     *,
@@ -288,6 +299,10 @@ def _redis_url(args: argparse.Namespace) -> str:
     return url
 
 
+def _env_cluster() -> bool:
+    return os.environ.get("IFA_REDIS_CLUSTER", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def main(args: argparse.Namespace) -> int:
     """Handler of `ifa-rank seed`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -318,7 +333,8 @@ def main(args: argparse.Namespace) -> int:
     if via_http:
         result = write_via_http(via_http, users_iter, total_events=total, progress=progress)
     else:
-        client = redis.Redis.from_url(_redis_url(args), socket_timeout=60)
+        cluster = bool(getattr(args, "cluster", False)) or _env_cluster()
+        client = connect(_redis_url(args), cluster)
         try:
             if reset:
                 reset_users(client, names)

@@ -38,9 +38,16 @@ from service.http.middleware import (
 from service.http.routes import router
 from service.metrics import Metrics
 from service.settings import Settings
+from service.store.cluster import NodeAddress, cluster_primaries, single_node
 from service.store.embedded_redis import RedisServer, supervise
 from service.store.push import InvalidationListener
-from service.store.redis_store import RedisSequenceStore, make_client, seq_key, user_of_seq_key
+from service.store.redis_store import (
+    Client,
+    RedisSequenceStore,
+    make_client,
+    seq_key,
+    user_of_seq_key,
+)
 from service.usecases.admin import AdminUseCase, control_channel
 from service.usecases.events import EventsUseCase
 from service.usecases.rank import RankUseCase
@@ -105,7 +112,7 @@ def drain_on_sigterm(app: FastAPI, drain_s: float) -> Callable[[], None]:
 
 
 def push_listener(
-    client: aioredis.Redis,
+    client: Client,
     freshness: Freshness,
     metrics: Metrics,
     track: bool,
@@ -131,7 +138,21 @@ def push_listener(
             freshness.set_up(up)
             metrics.push_channel_up.set(1 if up else 0)
 
-    return InvalidationListener(client.connection_pool, prefix, on_keys, on_state, channels=control)
+    if isinstance(client, aioredis.RedisCluster):
+        cluster = client
+
+        async def discover() -> list[NodeAddress]:
+            return await cluster_primaries(cluster)
+
+        return InvalidationListener(
+            discover, prefix, on_keys, on_state, channels=control, topology_interval_s=1.0
+        )
+    node = single_node(client.connection_pool)
+
+    async def one() -> list[NodeAddress]:
+        return [node]
+
+    return InvalidationListener(one, prefix, on_keys, on_state, channels=control)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -154,13 +175,18 @@ def create_app(settings: Settings) -> FastAPI:
                 embedded.data_dir,
             )
         else:
-            app.state.redis_mode = f"external ({_redacted(url)})"
-        client = make_client(url, settings.redis_timeout_ms, settings.redis_max_connections)
+            kind = "cluster" if settings.redis_cluster else "external"
+            app.state.redis_mode = f"{kind} ({_redacted(url)})"
+        client = make_client(
+            url, settings.redis_timeout_ms, settings.redis_max_connections, settings.redis_cluster
+        )
         store = RedisSequenceStore(
             client,
             timeout_ms=settings.redis_timeout_ms,
             idempotency_ttl_s=settings.idempotency_ttl_s,
             state_ttl_s=settings.state_ttl_s,
+            wait_replicas=settings.events_wait_replicas,
+            wait_ms=settings.events_wait_ms,
             on_error=lambda op: metrics.redis_errors.labels(op).inc(),
         )
         pool = InferencePool(settings.infer_workers)

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         repr=False,  # it may carry a password
         description="`redis://`, `rediss://` or `unix://` URL; unset (or empty) = start the embedded server",
     )
+    redis_cluster: bool = Field(
+        default=False,
+        description="`IFA_REDIS_URL` names one node of a Redis Cluster: talk to the whole "
+        "cluster (redis-py's cluster client; `redis://` or `rediss://`)",
+    )
     embedded_redis_dir: Path = Field(
         default=Path("var/redis"),
         description="data dir (socket, AOF, RDB, log) of the embedded server",
@@ -90,6 +95,20 @@ class Settings(BaseSettings):
     )
     redis_max_connections: int = Field(
         default=64, ge=1, le=10_000, description="Redis connection pool size (blocking pool)"
+    )
+    events_wait_replicas: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="`/events` answers 200 only once this many replicas have the append "
+        "(Redis `WAIT`; else 503, retry with the same idempotency key): acknowledged events "
+        "then survive the loss of a primary. 0: Redis' asynchronous replication",
+    )
+    events_wait_ms: int = Field(
+        default=25,
+        ge=1,
+        le=60_000,
+        description="how long `/events` waits for those replicas (below IFA_REDIS_TIMEOUT_MS)",
     )
     idempotency_ttl_s: int = Field(
         default=86_400, ge=1, description="retention of `/events` idempotency keys"
@@ -257,6 +276,13 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.max_inflight < self.infer_workers:
             raise ValueError("IFA_MAX_INFLIGHT must be >= IFA_INFER_WORKERS")
+        if self.events_wait_replicas and self.events_wait_ms >= self.redis_timeout_ms:
+            raise ValueError("IFA_EVENTS_WAIT_MS must be below IFA_REDIS_TIMEOUT_MS")
+        if self.redis_cluster and (self.redis_url is None or self.redis_url.startswith("unix://")):
+            raise ValueError(
+                "IFA_REDIS_CLUSTER=true needs IFA_REDIS_URL naming a cluster node "
+                "(redis://host:port); the embedded server is a single node"
+            )
         return self
 
     @property

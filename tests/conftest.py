@@ -7,6 +7,15 @@ Service fixtures (real things only: a real redis-server, a real exported ONNX mo
 * `private_redis` (function): a server of the test's own, for tests that stop/restart it.
 * `tiny_artifacts` (session): a tiny untrained IFA model exported to ONNX (version "v1").
 * `tiny_artifacts_two_versions` (session): a copy holding "v1" and "v2" (renamed copy).
+* `redis_cluster` (session): a real Redis Cluster, 3 masters with 1 replica each.
+* `redis_cluster_url` (function): its URL, the cluster healthy (dead nodes restarted) and
+  every master flushed before the test.
+* `private_redis_cluster` (function): a cluster of the test's own, for tests that kill
+  nodes or reshard.
+* `redis_any` (function, two params): `redis_url`'s value, then the cluster's (a
+  `svc_helpers.ClusterUrl`, which the helpers turn into IFA_REDIS_CLUSTER=true and a
+  cluster client). A module runs its `redis_url` tests on both by overriding
+  `redis_url` with it.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from loadtest.redis_cluster import LocalRedisCluster
 from service.store.embedded_redis import RedisServer, free_port
 
 TINY_ITEMS = 50
@@ -40,8 +50,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
+def _flushed(redis_server: RedisServer) -> str:
     import redis
 
     if not redis_server.running():  # a test stopped it: bring it back
@@ -49,6 +58,11 @@ def redis_url(redis_server: RedisServer) -> str:
     with redis.Redis.from_url(redis_server.url) as client:
         client.flushall()
     return redis_server.url
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return _flushed(redis_server)
 
 
 @pytest.fixture
@@ -150,3 +164,34 @@ def tiny_artifacts_two_versions(
     shutil.copytree(tiny_artifacts, root, dirs_exist_ok=True)
     copy_version(root, "v1", "v2")
     return root
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    with LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: LocalRedisCluster) -> str:
+    for port in redis_cluster.down():  # a test killed it: bring it back
+        redis_cluster.restart(port)
+    redis_cluster.wait_healthy()
+    redis_cluster.flushall()
+    return redis_cluster.url
+
+
+@pytest.fixture
+def private_redis_cluster(tmp_path: Path) -> Iterator[LocalRedisCluster]:
+    with LocalRedisCluster(tmp_path / "redis-cluster") as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def redis_any(request: pytest.FixtureRequest) -> str:
+    if request.param == "cluster":
+        from svc_helpers import ClusterUrl  # (imports the TestClient: not at collection)
+
+        return ClusterUrl(request.getfixturevalue("redis_cluster_url"))
+    # (not the `redis_url` fixture: a module that overrides it with this one asks for it)
+    return _flushed(request.getfixturevalue("redis_server"))

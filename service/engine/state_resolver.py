@@ -87,7 +87,8 @@ class StateResolver:
             ctx.sequence_length = cached.n
             ctx.cache_result, ctx.state_source = "hit", "local"
             return cached
-        if self._cooldown.blocked():
+        scope = self.store.scope(user)
+        if self._cooldown.blocked(scope):
             return self._fallback(ctx, cached)
         t = time.perf_counter()
         token = self.freshness.begin(user)
@@ -107,7 +108,7 @@ class StateResolver:
         finally:
             self.freshness.end(user, token, answered)
             tm.redis += (time.perf_counter() - t) * 1e3
-        self._cooldown.succeeded()
+        self._cooldown.succeeded(scope)
         length = ctx.sequence_length = snap.length
 
         base, source = cached, "local"

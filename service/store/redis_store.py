@@ -5,8 +5,9 @@
     ifa:idem:{<user>}:<key>            string: the original answer of an /events call
 
 The user id sits in a hash tag, so every key of one user lives in one Redis Cluster slot
-(the append script touches two keys). Every failure of Redis (refused, timed out, a
-protocol error) surfaces as `StoreUnavailable`; callers decide how to degrade.
+(the append script touches two keys; `service.store.cluster` for the cluster client).
+Every failure of Redis (refused, timed out, a protocol error) surfaces as
+`StoreUnavailable`, with the node it concerns; callers decide how to degrade.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, Protocol, TypeVar
 
 import numpy as np
@@ -27,6 +29,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ifa_common.records import RECORD_SIZE, unpack
+from service.store.cluster import make_cluster_client, node_of, ping_any_node
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +40,14 @@ T = TypeVar("T")
 READ_CHUNK_RECORDS: Final = 131_072
 READ_SOCKET_BYTES: Final = 1 << 20
 
+# A replay refreshes the key's TTL: a write, so that a WAIT after it (IFA_EVENTS_WAIT_REPLICAS)
+# also covers the original append, which the replication stream carried before it.
 _APPEND_LUA: Final = """
 local prev = redis.call('GET', KEYS[2])
-if prev then return {0, prev} end
+if prev then
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+  return {0, prev}
+end
 local nbytes = redis.call('APPEND', KEYS[1], ARGV[1])
 local answer = ARGV[2] .. ':' .. tostring(nbytes) .. ':' .. ARGV[3]
 redis.call('SET', KEYS[2], answer, 'EX', tonumber(ARGV[4]))
@@ -64,9 +72,10 @@ class StoreUnavailable(RuntimeError):
     """Redis did not answer (down, too slow, or an error reply). `timed_out`: it said
     nothing in time, which on a saturated CPU happens to a healthy server too."""
 
-    def __init__(self, message: str, timed_out: bool = False) -> None:
+    def __init__(self, message: str, timed_out: bool = False, scope: str | None = None) -> None:
         super().__init__(message)
         self.timed_out = timed_out
+        self.scope = scope  # the node (cluster) it concerns; None: the one Redis
 
 
 class IdempotencyConflict(ValueError):
@@ -129,9 +138,19 @@ class SequenceStore(Protocol):
 
     async def ping(self) -> None: ...
 
+    def scope(self, user: str) -> str | None:
+        """The node that holds `user` (None: there is one Redis): a failure there is
+        not a failure of the others."""
+        ...
 
-def make_client(url: str, timeout_ms: float, max_connections: int) -> aioredis.Redis:
+
+Client = aioredis.Redis | aioredis.RedisCluster
+
+
+def make_client(url: str, timeout_ms: float, max_connections: int, cluster: bool = False) -> Client:
     """Async client with explicit timeouts and no hidden retries (we degrade instead)."""
+    if cluster:
+        return make_cluster_client(url, timeout_ms, max_connections, READ_SOCKET_BYTES)
     timeout = timeout_ms / 1000.0
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
@@ -152,11 +171,13 @@ def make_client(url: str, timeout_ms: float, max_connections: int) -> aioredis.R
 class RedisSequenceStore:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         *,
         timeout_ms: float,
         idempotency_ttl_s: int,
         state_ttl_s: int,
+        wait_replicas: int = 0,
+        wait_ms: int = 0,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
@@ -166,25 +187,50 @@ class RedisSequenceStore:
         self._append_script = client.register_script(_APPEND_LUA)
         self._snapshot_script = client.register_script(_SNAPSHOT_LUA)
         self._on_error = on_error
+        self._wait_replicas = wait_replicas
+        self._wait_ms = wait_ms
+        self.cluster = isinstance(client, aioredis.RedisCluster)
 
-    async def _call(self, op: str, fn: Callable[[], Awaitable[T]], slack: float = 0.0) -> T:
+    def scope(self, user: str) -> str | None:
+        if isinstance(self.client, aioredis.RedisCluster):
+            return node_of(self.client, seq_key(user))
+        return None
+
+    async def _call(
+        self,
+        op: str,
+        fn: Callable[[], Awaitable[T]],
+        slack: float = 0.0,
+        user: str | None = None,
+    ) -> T:
         # socket timeouts bound each reply; the outer guard bounds the whole call
         # (pool wait + connect + replies) so that nothing waits on Redis unboundedly.
         try:
             async with asyncio.timeout(3 * self._timeout + slack):
+                if isinstance(self.client, aioredis.RedisCluster):
+                    # before the command: redis-py picks a command's node before it
+                    # loads the slot map, so a fresh (or reset) client sends its first
+                    # commands to an arbitrary node (a MOVED each) without this
+                    await self.client.initialize()
                 return await fn()
         except (RedisError, OSError, TimeoutError) as e:
             if self._on_error is not None:
                 self._on_error(op)
             timed_out = isinstance(e, TimeoutError | RedisTimeoutError)
-            if not timed_out:
+            scope = self.scope(user) if user is not None else None
+            if not timed_out and not self.cluster:
                 # A refused or reset connection: after a restart of Redis every pooled
                 # socket is dead; drop them all at once instead of discovering them one
                 # failed request at a time. (A timeout says nothing about the sockets.)
                 await self._drop_idle_connections()
-            raise StoreUnavailable(f"redis {op}: {type(e).__name__}: {e}", timed_out) from e
+            where = f" ({scope})" if scope else ""
+            raise StoreUnavailable(
+                f"redis {op}{where}: {type(e).__name__}: {e}", timed_out, scope
+            ) from e
 
     async def _drop_idle_connections(self) -> None:
+        # (the cluster client does this itself, per node)
+        assert isinstance(self.client, aioredis.Redis)
         try:
             await self.client.connection_pool.disconnect(inuse_connections=False)
         except asyncio.CancelledError:
@@ -207,7 +253,7 @@ class RedisSequenceStore:
         keys = [seq_key(user), state_key(user, model_version)]
         args = [start, stop, "1" if have_n is None else "0"]
         nbytes_r, tail_r, blob = await self._call(
-            "snapshot", lambda: self._snapshot_script(keys=keys, args=args)
+            "snapshot", lambda: self._snapshot_script(keys=keys, args=args), user=user
         )
         tail, tail_from = b"", None
         if with_tail:
@@ -232,20 +278,61 @@ class RedisSequenceStore:
             return list(await pipe.execute())
 
         chunks = -(-(stop - start) // READ_CHUNK_RECORDS)
-        parts = await self._call("read", run, slack=chunks * self._timeout)
+        parts = await self._call("read", run, slack=chunks * self._timeout, user=user)
         buf = b"".join(parts)
         buf = buf[: len(buf) - len(buf) % RECORD_SIZE]
         return unpack(buf)
 
     async def append(self, user: str, records: bytes, idempotency_key: str | None) -> AppendResult:
+        if self._wait_replicas:
+            return await self._append_replicated(user, records, idempotency_key)
         n = len(records) // RECORD_SIZE
         if idempotency_key is None:
-            nbytes = await self._call("append", lambda: self.client.append(seq_key(user), records))
+            nbytes = await self._call(
+                "append", lambda: self.client.append(seq_key(user), records), user=user
+            )
             return AppendResult(appended=n, length=int(nbytes) // RECORD_SIZE, replayed=False)
         digest = hashlib.blake2b(records, digest_size=12).hexdigest()
         keys: list[str] = [seq_key(user), idem_key(user, idempotency_key)]
         args: list[bytes | str] = [records, str(n), digest, str(self._idem_ttl)]
-        fresh, answer = await self._call("append", lambda: self._append_script(keys, args))
+        reply = await self._call("append", lambda: self._append_script(keys, args), user=user)
+        return self._idempotent_result(reply, digest)
+
+    async def _append_replicated(
+        self, user: str, records: bytes, idempotency_key: str | None
+    ) -> AppendResult:
+        """The append, then WAIT on the same connection (WAIT counts the replicas that have
+        this connection's writes): a pipeline of two, sent to the user's node."""
+        n = len(records) // RECORD_SIZE
+        digest = hashlib.blake2b(records, digest_size=12).hexdigest()
+
+        async def run() -> list[Any]:
+            wait: dict[str, Any] = {}
+            if isinstance(self.client, aioredis.RedisCluster):  # (initialized by _call)
+                wait["target_nodes"] = self.client.get_node_from_key(seq_key(user))
+            pipe = self.client.pipeline(transaction=False)
+            if idempotency_key is None:
+                pipe.append(seq_key(user), records)
+            else:
+                keys = [seq_key(user), idem_key(user, idempotency_key)]
+                # EVAL, not EVALSHA: a pipeline cannot load a missing script and retry
+                pipe.eval(_APPEND_LUA, 2, *keys, records, str(n), digest, str(self._idem_ttl))
+            pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms, **wait)
+            return list(await pipe.execute())
+
+        reply, acked = await self._call("append", run, slack=self._wait_ms / 1e3, user=user)
+        if int(acked) < self._wait_replicas:
+            raise StoreUnavailable(
+                f"redis append: {int(acked)} of {self._wait_replicas} replicas "
+                f"acknowledged within {self._wait_ms} ms",
+                scope=self.scope(user),
+            )
+        if idempotency_key is None:
+            return AppendResult(appended=n, length=int(reply) // RECORD_SIZE, replayed=False)
+        return self._idempotent_result(reply, digest)
+
+    def _idempotent_result(self, reply: Any, digest: str) -> AppendResult:
+        fresh, answer = reply
         appended_s, nbytes_s, stored_digest = bytes(answer).decode().split(":")
         if not fresh and stored_digest != digest:
             raise IdempotencyConflict(
@@ -272,17 +359,22 @@ class RedisSequenceStore:
 
     async def length(self, user: str) -> int:
         return (
-            int(await self._call("strlen", lambda: self.client.strlen(seq_key(user))))
+            int(await self._call("strlen", lambda: self.client.strlen(seq_key(user)), user=user))
             // RECORD_SIZE
         )
 
     async def ping(self) -> None:
-        await self._call("ping", self.client.ping)
+        if isinstance(self.client, aioredis.RedisCluster):
+            # any node that answers: one lost primary degrades its users, not the replica
+            await self._call("ping", partial(ping_any_node, self.client))
+        else:
+            await self._call("ping", self.client.ping)
 
 
 class Cooldown:
     """After Redis fails, /rank skips it for a while (answers degrade at once instead of
-    every request paying a timeout against a dead or hung server).
+    every request paying a timeout against a dead or hung server). Kept per node (the
+    error's `scope`): on a cluster, a lost primary does not degrade the other users.
 
     A refused or broken connection trips it at once. A timeout trips it only as the
     `timeouts_to_trip`-th in a row with no success between: on a CPU-saturated box a
@@ -292,25 +384,32 @@ class Cooldown:
     def __init__(self, cooldown_ms: float, timeouts_to_trip: int = 3) -> None:
         self._cooldown = cooldown_ms / 1000.0
         self._timeouts_to_trip = max(1, timeouts_to_trip)
-        self._timeouts = 0
-        self._until = 0.0
+        self._timeouts: dict[str | None, int] = {}
+        self._until: dict[str | None, float] = {}
 
-    def blocked(self) -> bool:
-        return time.monotonic() < self._until
+    def blocked(self, scope: str | None = None) -> bool:
+        until = self._until.get(scope)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._until[scope]
+        return False
 
     def failed(self, error: StoreUnavailable) -> None:
+        scope = error.scope
         if error.timed_out:
-            self._timeouts += 1
-            if self._timeouts < self._timeouts_to_trip:
+            self._timeouts[scope] = self._timeouts.get(scope, 0) + 1
+            if self._timeouts[scope] < self._timeouts_to_trip:
                 return
-        self._timeouts = 0
-        self.trip()
+        self._timeouts.pop(scope, None)
+        self.trip(scope)
 
-    def succeeded(self) -> None:
-        self._timeouts = 0
+    def succeeded(self, scope: str | None = None) -> None:
+        self._timeouts.pop(scope, None)
 
-    def trip(self) -> None:
-        self._until = time.monotonic() + self._cooldown
+    def trip(self, scope: str | None = None) -> None:
+        self._until[scope] = time.monotonic() + self._cooldown
 
     def reset(self) -> None:
-        self._until = 0.0
+        self._until.clear()

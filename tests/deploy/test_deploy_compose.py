@@ -94,3 +94,35 @@ def test_gpu_override(gpu_override: dict[str, Any], compose: dict[str, Any]) -> 
     assert svc["build"]["target"] == "gpu"
     (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+
+
+def test_cluster_override(compose: dict[str, Any], env_names: set[str]) -> None:
+    """compose.cluster.yaml: six nodes made one cluster (3 primaries + a replica each) by
+    a one-shot job the service waits for; the service told one node and cluster mode."""
+    (doc,) = load_yaml_docs(DEPLOY / "compose.cluster.yaml")
+    services = doc["services"]
+    nodes = sorted(n for n in services if n.startswith("redis-node-"))
+    assert len(nodes) == 6
+    for name in nodes:
+        node = services[name]
+        args = [*node["entrypoint"], *node["command"]]
+        flag = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
+        assert args[0] == "redis-server" and flag["--cluster-enabled"] == "yes"
+        assert flag["--cluster-require-full-coverage"] == "no"
+        assert flag["--cluster-announce-hostname"] == node["hostname"] == name
+        assert flag["--appendonly"] == "yes" and any(v.endswith(":/data") for v in node["volumes"])
+        assert name in doc["volumes"]
+    init = services["redis-cluster-init"]
+    script = " ".join(init["command"])
+    assert all(f"{n}:6379" in script for n in nodes) and "--cluster-replicas 1" in script
+    assert set(init["depends_on"]) == set(nodes)
+    svc = services["ifa-rank"]
+    env = svc["environment"]
+    assert env["IFA_REDIS_CLUSTER"] == "true"
+    assert env["IFA_REDIS_URL"].split("//")[1].split(":")[0] in nodes
+    assert not {k for k in env if k.startswith("IFA_")} - env_names
+    assert int(env["IFA_EVENTS_WAIT_MS"]) < 50  # below IFA_REDIS_TIMEOUT_MS's default
+    assert svc["depends_on"]["redis-cluster-init"]["condition"] == (
+        "service_completed_successfully"
+    )
+    assert set(doc["services"]) - set(nodes) <= {"redis-cluster-init", *compose["services"]}

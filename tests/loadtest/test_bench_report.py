@@ -139,6 +139,18 @@ def test_tiny_end_to_end_bench_writes_the_contracted_report(
     assert score_ms > 0 and rep["derived"]["overhead_terms_ms"]["inprocess_score_m500"] == score_ms
     split = rep["derived"]["time_split_ms"]  # the service's histograms over the c=1 runs
     assert 0 < split["stage_score"] < split["app_mean"] < split["client_mean"]
+    cluster = http["cluster"]  # the same warm runs on a Redis Cluster, interleaved
+    assert set(cluster["runs"]) == {
+        "redis_push_c1",
+        "cluster_push_c1",
+        "redis_push_c16",
+        "cluster_push_c16",
+        "redis_strict_c1",
+        "cluster_strict_c1",
+    }
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in cluster["runs"].values())
+    assert cluster["p50_ratio_strict_c1"] > 0
     md = (out / "bench.md").read_text()
     assert "## HTTP on loopback" in md and "## Targets" in md
+    assert "| strict | 1 |" in md and "cluster / one Redis (strict, c=1)" in md
     assert (out / "bench_http_latency.png").stat().st_size > 0

@@ -20,9 +20,22 @@ from service.store.redis_store import seq_key
 T0 = 1_700_000_000
 
 
+class ClusterUrl(str):
+    """The URL of a Redis Cluster node (the `redis_any` fixture's cluster case): the
+    helpers below give it to redis-py's cluster client and set IFA_REDIS_CLUSTER."""
+
+
+def sync_redis(url: str) -> Any:
+    """A sync client for the test's own reads and writes: one Redis or the cluster."""
+    if isinstance(url, ClusterUrl):
+        return redis.RedisCluster.from_url(url)
+    return redis.Redis.from_url(url)
+
+
 def make_settings(redis_url: str | None, artifacts: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "redis_url": redis_url,
+        "redis_cluster": isinstance(redis_url, ClusterUrl),
         "artifacts_dir": artifacts,
         "model_version": "v1",
         "warmup_candidates": (1, 16),
@@ -62,7 +75,7 @@ def seed_sequence(url: str, user_id: str, n: int, seed: int = 0) -> None:
         rng.integers(0, 9, n),
         rng.integers(0, 3, n),
     )
-    with redis.Redis.from_url(url) as client:
+    with sync_redis(url) as client:
         client.append(seq_key(user_id), pack(events))
 
 

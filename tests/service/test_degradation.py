@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from svc_helpers import make_settings, metric_value, random_events, seed_sequence, user, wait_until
 
@@ -16,6 +17,12 @@ from service.app import create_app
 from service.store.embedded_redis import RedisServer
 
 CANDS = [1, 5, 9, 13, 60, 61]
+
+
+@pytest.fixture
+def redis_url(redis_any: str) -> str:
+    """The tests here that take `redis_url` run against one Redis and against a cluster."""
+    return redis_any
 
 
 def rank(client: TestClient, u: str, **extra: Any) -> dict[str, Any]:

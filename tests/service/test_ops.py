@@ -10,11 +10,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import redis
+import pytest
 from conftest import copy_version
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from svc_helpers import make_settings, metric_value, random_events, user, wait_until
+from svc_helpers import make_settings, metric_value, random_events, sync_redis, user, wait_until
 
 from service.app import create_app
 from service.metrics import CONTRACT_METRICS
@@ -23,6 +23,12 @@ from service.store.redis_store import state_key
 
 TOKEN = "s3cret-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def redis_url(redis_any: str) -> str:
+    """The tests here that take `redis_url` run against one Redis and against a cluster."""
+    return redis_any
 
 
 def families(client: TestClient) -> dict[str, Any]:
@@ -186,7 +192,7 @@ def test_reload_under_load_loses_no_request_and_drops_old_states(
     versions = [v for _, v in results]
     assert set(versions) == {"v1", "v2"}
     assert misses_v2 >= 2  # the v2 slot rebuilt the user: a v1 state was never applied
-    with redis.Redis.from_url(redis_url) as c:
+    with sync_redis(redis_url) as c:
         assert c.exists(state_key(u, "v1")) and c.exists(state_key(u, "v2"))
 
 

@@ -13,9 +13,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 from fastapi.testclient import TestClient
-from svc_helpers import make_settings, metric_value, random_events, seed_sequence, user, wait_until
+from svc_helpers import (
+    ClusterUrl,
+    make_settings,
+    metric_value,
+    random_events,
+    seed_sequence,
+    sync_redis,
+    user,
+    wait_until,
+)
 
 from service.app import create_app
 from service.engine.freshness import Freshness
@@ -26,9 +34,18 @@ CANDS = list(range(40))
 
 def snapshots(url: str) -> int:
     """EVALSHA calls the server has run (the snapshot script is the warm path's one call)."""
-    with redis.Redis.from_url(url) as r:
-        stats: dict[str, Any] = r.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    with sync_redis(url) as r:
+        if isinstance(url, ClusterUrl):
+            per_node: dict[str, Any] = r.info("commandstats", target_nodes=r.PRIMARIES)
+        else:
+            per_node = {"redis": r.info("commandstats")}
+    return sum(int(s.get("cmdstat_evalsha", {}).get("calls", 0)) for s in per_node.values())
+
+
+@pytest.fixture
+def redis_url(redis_any: str) -> str:
+    """Every test here runs against one Redis and against a Redis Cluster."""
+    return redis_any
 
 
 def scores(client: TestClient, u: str) -> list[float]:
@@ -111,8 +128,9 @@ def test_a_broken_channel_falls_back_to_asking_redis(
     seed_sequence(redis_url, u, 100)
     scores(push, u)
     scores(push, u)
-    with redis.Redis.from_url(redis_url) as r:
-        r.client_kill_filter(_type="pubsub")  # the channel's subscriber connection
+    with sync_redis(redis_url) as r:
+        kill = {"target_nodes": r.PRIMARIES} if isinstance(redis_url, ClusterUrl) else {}
+        r.client_kill_filter(_type="pubsub", **kill)  # the channel's subscriber connection
     wait_until(lambda: listener.sessions >= 2)  # noticed, forgot, reconnected
     before = snapshots(redis_url)
     scores(push, u)  # what it knew before the break is not trusted: asked again

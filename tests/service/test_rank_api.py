@@ -7,13 +7,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from svc_helpers import (
     make_settings,
     metric_value,
     random_events,
     seed_sequence,
+    sync_redis,
     user,
     wait_until,
 )
@@ -36,6 +36,12 @@ def rank(client: TestClient, user_id: str, **body: Any) -> dict[str, Any]:
 
 def by_item(resp: dict[str, Any]) -> list[tuple[int, float]]:
     return sorted((it["item_id"], it["score"]) for it in resp["items"])
+
+
+@pytest.fixture
+def redis_url(redis_any: str) -> str:
+    """Every test here runs against one Redis and against a Redis Cluster."""
+    return redis_any
 
 
 @pytest.fixture
@@ -111,7 +117,7 @@ def test_long_history_built_over_every_worker_equals_one_build(
     seed_sequence(redis_url, u, n, seed=4)
     resp = rank(client, u)
     assert resp["degraded"] is None and resp["timings_ms"]["state"] > 0
-    with redis.Redis.from_url(redis_url) as r:
+    with sync_redis(redis_url) as r:
         events = unpack(r.get(seq_key(u)) or b"")
     assert events.shape == (n,)
     rt = ModelRuntime.load(tiny_artifacts, "v1")
@@ -166,7 +172,7 @@ def test_a_bad_state_blob_in_redis_is_dropped_and_rebuilt(
         want = by_item(rank(client, twin))
         rank(client, u)
     key = state_key(u, "v1")
-    with redis.Redis.from_url(redis_url) as r:
+    with sync_redis(redis_url) as r:
         wait_until(lambda: r.exists(key) == 1)  # written back
         good = bytes(r.get(key) or b"")
         bad = {

@@ -126,6 +126,9 @@ class MemoryStore:
     async def ping(self) -> None:
         self._call("ping")
 
+    def scope(self, user: str) -> str | None:
+        return None
+
 
 def ladder(
     n_events: int, ms_per_event: float = 1e-6, inline_events: int = 256
@@ -311,6 +314,12 @@ def test_cooldown_trips_at_once_on_a_broken_connection() -> None:
     assert not cooldown.blocked()  # never three in a row
     cooldown.failed(StoreUnavailable("connection refused"))
     assert cooldown.blocked()
+    # per node: a failure of one node's users does not block another node's
+    cooldown.reset()
+    cooldown.failed(StoreUnavailable("refused", scope="10.0.0.1:7000"))
+    assert cooldown.blocked("10.0.0.1:7000")
+    assert not cooldown.blocked("10.0.0.2:7000")
+    assert not cooldown.blocked()
 
 
 def use_case(**settings: Any) -> tuple[RankUseCase, Metrics]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
+from svc_helpers import ClusterUrl, sync_redis
 
 from ifa_common.records import RECORD_SIZE, make_events, pack, unpack
 from service.store.redis_store import (
@@ -24,12 +24,14 @@ from service.store.redis_store import (
 
 def run_with_store(url: str, fn: Callable[[RedisSequenceStore], Awaitable[Any]], **kw: Any) -> Any:
     async def main() -> Any:
-        client = make_client(url, kw.pop("timeout_ms", 1000), 64)
+        client = make_client(url, kw.pop("timeout_ms", 1000), 64, isinstance(url, ClusterUrl))
         store = RedisSequenceStore(
             client,
             timeout_ms=kw.pop("store_timeout_ms", 1000),
             idempotency_ttl_s=600,
             state_ttl_s=600,
+            wait_replicas=kw.pop("wait_replicas", 0),
+            wait_ms=kw.pop("wait_ms", 0),
         )
         try:
             return await fn(store)
@@ -37,6 +39,12 @@ def run_with_store(url: str, fn: Callable[[RedisSequenceStore], Awaitable[Any]],
             await client.aclose()
 
     return asyncio.run(main())
+
+
+@pytest.fixture
+def redis_url(redis_any: str) -> str:
+    """Every test here runs against one Redis and against a Redis Cluster."""
+    return redis_any
 
 
 def records(items: list[int], t0: int = 1_700_000_000) -> bytes:
@@ -62,7 +70,7 @@ def test_append_and_read_tail(redis_url: str) -> None:
         assert await store.length("nobody") == 0
 
     run_with_store(redis_url, go)
-    with redis.Redis.from_url(redis_url) as c:
+    with sync_redis(redis_url) as c:
         raw = c.get(seq_key("a"))
         assert raw is not None and len(raw) == 5 * RECORD_SIZE  # packed binary, no JSON
 
@@ -70,7 +78,7 @@ def test_append_and_read_tail(redis_url: str) -> None:
 def test_long_reads_are_chunked_and_exact(redis_url: str) -> None:
     n = 70_000  # > 2 GETRANGE chunks
     items = np.arange(n, dtype=np.int64)
-    with redis.Redis.from_url(redis_url) as c:
+    with sync_redis(redis_url) as c:
         c.append(seq_key("long"), pack(make_events(items, items)))
 
     async def go(store: RedisSequenceStore) -> np.ndarray:
@@ -113,9 +121,37 @@ def test_idempotent_append_returns_the_original_answer(redis_url: str) -> None:
         assert (other.appended, other.replayed) == (2, False)
 
     run_with_store(redis_url, go)
-    with redis.Redis.from_url(redis_url) as c:
+    with sync_redis(redis_url) as c:
         ttl = c.ttl(idem_key("i", "key-1"))
         assert 0 < ttl <= 600
+
+
+def test_appends_can_wait_for_replicas(redis_url: str) -> None:
+    """IFA_EVENTS_WAIT_REPLICAS: an append (fresh or replayed, with or without a key)
+    answers once that many replicas have it; else StoreUnavailable saying how many did.
+    The test cluster has one replica per primary, the single Redis none."""
+    have = 1 if isinstance(redis_url, ClusterUrl) else 0
+
+    async def go(store: RedisSequenceStore) -> None:
+        first = await store.append("w", records([1, 2]), "key-1")
+        again = await store.append("w", records([1, 2]), "key-1")
+        plain = await store.append("w", records([3]), None)
+        assert (first.replayed, again.replayed, plain.length) == (False, True, 3)
+        with pytest.raises(IdempotencyConflict):
+            await store.append("w", records([9]), "key-1")
+
+    def wanting(n: int) -> Callable[[RedisSequenceStore], Awaitable[Any]]:
+        async def go_short(store: RedisSequenceStore) -> None:
+            with pytest.raises(StoreUnavailable, match=f"{have} of {n} replicas"):
+                await store.append("short", records([1]), "k")
+
+        return go_short
+
+    if have:
+        run_with_store(redis_url, go, wait_replicas=have, wait_ms=500)
+    run_with_store(redis_url, wanting(have + 1), wait_replicas=have + 1, wait_ms=50)
+    with sync_redis(redis_url) as c:  # refused, not lost: Redis has it, a retry replays it
+        assert c.strlen(seq_key("short")) == RECORD_SIZE
 
 
 def test_concurrent_writers_lose_and_duplicate_nothing(redis_url: str) -> None:
@@ -156,3 +192,23 @@ def test_unreachable_redis_is_store_unavailable() -> None:
             await store.ping()
 
     run_with_store(url, go, timeout_ms=200, store_timeout_ms=200)
+
+
+def test_a_fresh_cluster_client_routes_its_first_commands_right(redis_cluster_url: str) -> None:
+    """redis-py picks a command's node before loading the slot map: concurrent first
+    commands of a fresh client went to arbitrary nodes (a MOVED each, and after five
+    redis-py closed every connection, failing the others). None may be misrouted."""
+    url = ClusterUrl(redis_cluster_url)
+
+    def moved() -> int:
+        with sync_redis(url) as c:
+            stats = c.info("errorstats", target_nodes=c.PRIMARIES)
+        return sum(int(s.get("errorstat_MOVED", {}).get("count", 0)) for s in stats.values())
+
+    before = moved()
+
+    async def go(store: RedisSequenceStore) -> None:
+        await asyncio.gather(*(store.append(f"first-{i}", records([i]), "k") for i in range(16)))
+
+    run_with_store(url, go)
+    assert moved() == before
