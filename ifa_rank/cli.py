@@ -154,6 +154,32 @@ def _add_service(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=_lazy("loadtest.seed:main"))
 
+    lg = sub.add_parser("logs", help="the service's impression log")
+    lg_sub = lg.add_subparsers(dest="logs_command", required=True)
+    ex = lg_sub.add_parser(
+        "export",
+        help="served impressions labelled by what followed, as a generic-format training "
+        "log (resumable: a consumer group per stream shard)",
+    )
+    ex.add_argument("--out", required=True, help="FILE.parquet")
+    ex.add_argument("--redis-url", default=None, help="default: IFA_REDIS_URL")
+    ex.add_argument("--cluster", action="store_true", help="default: IFA_REDIS_CLUSTER")
+    ex.add_argument("--shards", type=int, default=None, help="default: IFA_IMPRESSION_SHARDS")
+    ex.add_argument(
+        "--window-s",
+        type=float,
+        default=3600.0,
+        help="an item acted on within this many seconds of being served is a positive; "
+        "younger impressions wait for a later run",
+    )
+    ex.add_argument(
+        "--items", default=None, help="the model's items.npz: categories of never-seen items"
+    )
+    ex.add_argument(
+        "--metrics-textfile", default=None, help="also write the counts for node_exporter"
+    )
+    ex.set_defaults(func=_lazy("model_export.data.served:main"))
+
     b = sub.add_parser("bench", help="benchmark: in-process model costs and HTTP latency")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", default="reports")

@@ -1,0 +1,191 @@
+"""The impression log: what /rank answered (and the clicks /events says answer it), to
+Redis Streams, off the request path.
+
+    ifa:imp:{<shard>}   stream; an entry is an impression or a click (field `type`)
+
+    impression  rid, uid, ts (ms), v (model version), deg (degraded reason or ""),
+                items (int64 little-endian, best first: an item's rank is its index),
+                scores (float32 little-endian, the same order)
+    click       rid, uid, item, ts (unix s), action
+
+A user's records go to one shard (a stable hash of the user id), so a user's impressions
+are in one stream and, on a cluster, the shards (each its own hash tag) spread over the
+primaries. `offer` never waits and never fails: it samples, then puts the record on a
+bounded queue; a full queue drops the record (counted). One background task writes
+batches with `XADD ... MAXLEN ~ <max_len>` (bounded: the oldest entries are trimmed);
+Redis down or slow drops the batch (counted), never a request. Read back by
+`model_export.data.served` (`ifa-rank logs export`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STREAM_PREFIX: Final = "ifa:imp:"
+BATCH: Final = 256  # records per pipeline
+
+
+def stream_key(shard: int) -> str:
+    return f"{STREAM_PREFIX}{{{shard}}}"
+
+
+def shard_of(user: str, shards: int) -> int:
+    digest = hashlib.blake2b(user.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") % max(1, shards)
+
+
+def sampled(request_id: str, rate: float) -> bool:
+    """Deterministic in the request id: a retried request is logged or not alike."""
+    if rate >= 1.0:
+        return True
+    if rate <= 0.0:
+        return False
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < rate
+
+
+@dataclass(frozen=True, slots=True)
+class Impression:
+    request_id: str
+    user_id: str
+    ts_ms: int
+    model_version: str
+    degraded: str | None
+    item_ids: Sequence[int]
+    scores: Sequence[float]
+
+    def fields(self) -> dict[str, bytes | str | int]:
+        return {
+            "type": "imp",
+            "rid": self.request_id,
+            "uid": self.user_id,
+            "ts": self.ts_ms,
+            "v": self.model_version,
+            "deg": self.degraded or "",
+            "items": np.asarray(self.item_ids, "<i8").tobytes(),
+            "scores": np.asarray(self.scores, "<f4").tobytes(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Click:
+    request_id: str
+    user_id: str
+    item_id: int
+    ts: int
+    action: int
+
+    def fields(self) -> dict[str, bytes | str | int]:
+        return {
+            "type": "click",
+            "rid": self.request_id,
+            "uid": self.user_id,
+            "item": self.item_id,
+            "ts": self.ts,
+            "action": self.action,
+        }
+
+
+Record = Impression | Click
+
+
+class ImpressionLog:
+    """`client`: an async Redis or RedisCluster client. `on_logged(n)` and
+    `on_dropped(reason, n)` count (reasons: `queue_full`, `redis`)."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        shards: int,
+        max_len: int,
+        sample_rate: float,
+        queue_size: int,
+        timeout_s: float,
+        on_logged: Callable[[int], None],
+        on_dropped: Callable[[str, int], None],
+    ) -> None:
+        self.client = client
+        self.shards = max(1, shards)
+        self.max_len = max_len
+        self.sample_rate = sample_rate
+        self.timeout_s = timeout_s
+        self._queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=queue_size)
+        self._on_logged = on_logged
+        self._on_dropped = on_dropped
+        self._task: asyncio.Task[None] | None = None
+
+    def offer_impression(
+        self,
+        request_id: str,
+        user_id: str,
+        model_version: str,
+        degraded: str | None,
+        item_ids: Sequence[int],
+        scores: Sequence[float],
+    ) -> None:
+        if not sampled(request_id, self.sample_rate):
+            return
+        ts_ms = int(time.time() * 1000)
+        self._put(Impression(request_id, user_id, ts_ms, model_version, degraded, item_ids, scores))
+
+    def offer_click(self, click: Click) -> None:
+        self._put(click)  # never sampled out: a click of a sampled-out request joins nothing
+
+    def _put(self, record: Record) -> None:
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            self._on_dropped("queue_full", 1)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self, timeout_s: float) -> None:
+        """Write what is queued (bounded by `timeout_s`), then stop."""
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._queue.join()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        left = self._queue.qsize()
+        if left:
+            self._on_dropped("shutdown", left)
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._write(batch)
+                self._on_logged(len(batch))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # Redis down, slow or refusing: the log gives way
+                log.debug("impression log: %d records dropped: %s", len(batch), e)
+                self._on_dropped("redis", len(batch))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _write(self, batch: list[Record]) -> None:
+        async with asyncio.timeout(self.timeout_s):
+            pipe = self.client.pipeline(transaction=False)
+            for record in batch:
+                key = stream_key(shard_of(record.user_id, self.shards))
+                pipe.xadd(key, record.fields(), maxlen=self.max_len, approximate=True)
+            await pipe.execute()
