@@ -137,6 +137,22 @@ def serialize(state: UserState, model_version: str) -> bytes:
     )
 
 
+def covered_events(buf: bytes) -> int | None:
+    """The number of events a serialised state covers, from its header alone (None: not
+    a state of this format). Lets storage check a state against its sequence unparsed."""
+    if len(buf) < _HEAD.size:
+        return None
+    magic, fmt, _, _, _, tag_len = _HEAD.unpack_from(buf, 0)
+    if (
+        magic != _MAGIC
+        or fmt != STATE_FORMAT_VERSION
+        or len(buf) < _HEAD.size + tag_len + _COUNTS.size
+    ):
+        return None
+    n: int = _COUNTS.unpack_from(buf, _HEAD.size + tag_len)[0]
+    return n
+
+
 def deserialize(buf: bytes, model_version: str, dims: tuple[int, int, int]) -> UserState:
     """Inverse of `serialize`; refuses another format, model version or dims."""
     if len(buf) < _HEAD.size:

@@ -461,10 +461,10 @@ def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> d
         result["workers"] = worker_runs(
             plan, artifacts, svc.start_redis(), users, bodies, loader.tool, out_dir
         )
-        from loadtest.bench_cluster import cluster_bench
+        from loadtest.bench_variants import variants_bench
 
         try:
-            result["cluster"] = cluster_bench(
+            result["cluster"] = variants_bench(
                 plan, artifacts, svc.start_redis(), users, bodies, loader.tool, out_dir
             )
         except Exception as e:  # a cluster that would not start must not lose the rest

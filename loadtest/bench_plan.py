@@ -30,7 +30,8 @@ class BenchPlan:
     # the same warm runs against several worker processes (`serve --workers N`)
     worker_counts: tuple[int, ...] = (2,)
     worker_concurrency: tuple[int, ...] = (1, 8, 16)
-    # warm runs on a Redis Cluster beside one Redis (push mode; strict mode at the first)
+    # the interleaved variants (loadtest/bench_variants.py): a Redis Cluster beside one
+    # Redis, the impression log off beside on
     cluster_concurrency: tuple[int, ...] = (1, 16)
 
     @classmethod

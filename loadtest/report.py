@@ -190,7 +190,7 @@ def markdown(rep: dict[str, Any]) -> str:
                     f"{_fmt(one.get('p99_ms'))} | {_fmt(one.get('rps'), 0)} | "
                     f"{_fmt(r.get('p50_ms'))} / {_fmt(r.get('p99_ms'))} | {_fmt(r.get('rps'), 0)} |"
                 )
-        lines += cluster_table(http.get("cluster") or {})
+        lines += variants_table(http.get("cluster") or {})
         lines += [
             "",
             f"Load generator: **{gen.get('chosen')}**; ceilings against /healthz "
@@ -291,12 +291,14 @@ def markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cluster_table(cl: dict[str, Any]) -> list[str]:
-    """Warm /rank on a Redis Cluster beside one Redis (loadtest/bench_cluster.py)."""
+def variants_table(cl: dict[str, Any]) -> list[str]:
+    """The interleaved variants (loadtest/bench_variants.py): a Redis Cluster beside one
+    Redis, the impression log off beside on."""
     if not cl:
         return []
     if "error" in cl:
-        return ["", f"Redis Cluster run failed: {cl['error']}"]
+        return ["", f"Interleaved variants run failed: {cl['error']}"]
+    runs = cl.get("runs") or {}
     lines = [
         "",
         f"Warm /rank on a Redis Cluster ({cl.get('topology')}) beside one Redis, the same "
@@ -306,16 +308,33 @@ def cluster_table(cl: dict[str, Any]) -> list[str]:
         "| p50 cluster / one |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    runs = cl.get("runs") or {}
-    for key, one in runs.items():
-        if not key.startswith("redis_"):
+    for mode in ("push", "strict"):
+        for key, one in runs.items():
+            if not key.startswith(f"redis_{mode}_c"):
+                continue
+            conc = key.rpartition("_c")[2]
+            other = runs.get(f"cluster_{mode}_c{conc}") or {}
+            lines.append(
+                f"| {mode} | {conc} | {_fmt(one.get('p50_ms'))} / {_fmt(one.get('p99_ms'))} "
+                f"| {_fmt(one.get('rps'), 0)} | {_fmt(other.get('p50_ms'))} / "
+                f"{_fmt(other.get('p99_ms'))} | {_fmt(other.get('rps'), 0)} "
+                f"| {_fmt(cl.get(f'p50_ratio_{mode}_c{conc}'))} |"
+            )
+    lines += [
+        "",
+        "The impression log's cost, in the same rounds (one Redis, push):",
+        "",
+        "| conc. | log off p50 / p99 ms | req/s | log on p50 / p99 ms | req/s | p50 on / off |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, off in runs.items():
+        if not key.startswith("redis_push_nolog_c"):
             continue
-        _, mode, conc = key.split("_")
-        other = runs.get(f"cluster_{mode}_{conc}") or {}
+        conc = key.rpartition("_c")[2]
+        on = runs.get(f"redis_push_c{conc}") or {}
         lines.append(
-            f"| {mode} | {conc[1:]} | {_fmt(one.get('p50_ms'))} / {_fmt(one.get('p99_ms'))} "
-            f"| {_fmt(one.get('rps'), 0)} | {_fmt(other.get('p50_ms'))} / "
-            f"{_fmt(other.get('p99_ms'))} | {_fmt(other.get('rps'), 0)} "
-            f"| {_fmt(cl.get(f'p50_ratio_{mode}_{conc}'))} |"
+            f"| {conc} | {_fmt(off.get('p50_ms'))} / {_fmt(off.get('p99_ms'))} "
+            f"| {_fmt(off.get('rps'), 0)} | {_fmt(on.get('p50_ms'))} / {_fmt(on.get('p99_ms'))} "
+            f"| {_fmt(on.get('rps'), 0)} | {_fmt(cl.get(f'p50_ratio_impression_log_c{conc}'))} |"
         )
     return lines

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 
 from service.engine.batcher import ScoreBatcher
 from service.engine.cost import Warmup
+from service.engine.forgotten import Forgotten
 from service.engine.freshness import Freshness
 from service.engine.pool import InferencePool
 from service.engine.registry import ModelRegistry
@@ -40,6 +41,8 @@ from service.metrics import Metrics
 from service.settings import Settings
 from service.store.cluster import NodeAddress, cluster_primaries, single_node
 from service.store.embedded_redis import RedisServer, supervise
+from service.store.forget import ImpressionForgetter, RedisForgetter
+from service.store.impressions import ImpressionLog
 from service.store.push import InvalidationListener
 from service.store.redis_store import (
     Client,
@@ -50,6 +53,7 @@ from service.store.redis_store import (
 )
 from service.usecases.admin import AdminUseCase, control_channel
 from service.usecases.events import EventsUseCase
+from service.usecases.forget import FORGET_CHANNEL, Forgetter, ForgetUseCase
 from service.usecases.rank import RankUseCase
 
 log = logging.getLogger("service")
@@ -119,7 +123,7 @@ def push_listener(
     control: dict[bytes, Callable[[bytes], None]],
 ) -> InvalidationListener:
     """The push channel: sequence keys (ifa:seq:{user}) to users for `freshness` when
-    `track`, and the `control` channels (the sibling workers' reloads)."""
+    `track`, and the `control` channels (the sibling workers' reloads, the fleet's forgets)."""
     prefix = seq_key("").partition("{")[0] if track else None
 
     def on_keys(keys: list[bytes] | None) -> None:
@@ -194,7 +198,8 @@ def create_app(settings: Settings) -> FastAPI:
         writeback.start()
         registry = ModelRegistry(settings, metrics, partial(load_runtime, settings))
         freshness = Freshness(settings.state_cache_size, settings.push_max_staleness_ms / 1e3)
-        states = StateResolver(settings, store, metrics, pool, writeback, freshness)
+        forgotten = Forgotten()
+        states = StateResolver(settings, store, metrics, pool, writeback, freshness, forgotten)
         batcher = ScoreBatcher(
             pool,
             max_delay_us=settings.batch_max_delay_us,
@@ -203,16 +208,39 @@ def create_app(settings: Settings) -> FastAPI:
             on_batch=metrics.score_batch_size.observe,
         )
         app.state.rank = RankUseCase(settings, metrics, pool, registry, states, batcher)
-        app.state.events = EventsUseCase(store, metrics, freshness)
+        impressions: ImpressionLog | None = None
+        if settings.impression_log:
+            impressions = ImpressionLog(
+                client,
+                shards=settings.impression_shards,
+                max_len=max(1, settings.impression_max_len // settings.impression_shards),
+                sample_rate=settings.impression_sample_rate,
+                queue_size=settings.impression_queue,
+                timeout_s=3 * settings.redis_timeout_ms / 1e3,
+                on_logged=metrics.impressions_logged.inc,
+                on_dropped=lambda reason, n: metrics.impressions_dropped.labels(reason).inc(n),
+                mark=forgotten.mark,
+                forgotten_since=forgotten.since,
+            )
+            impressions.start()
+        app.state.impressions = impressions
+        app.state.events = EventsUseCase(store, metrics, freshness, impressions)
         admin = app.state.admin = AdminUseCase(registry, store, settings.worker_group)
-        listener: asyncio.Task[None] | None = None
-        control: dict[bytes, Callable[[bytes], None]] = {}
+        forgetters: list[Forgetter] = [RedisForgetter(store)]
+        if settings.impression_log:
+            forgetters.append(ImpressionForgetter(store, settings.impression_shards))
+        forget = app.state.forget = ForgetUseCase(
+            forgetters, store, registry, freshness, forgotten, writeback, metrics
+        )
+        # Always listening (strict mode too): every replica must hear the forgets.
+        control: dict[bytes, Callable[[bytes], None]] = {
+            FORGET_CHANNEL.encode(): forget.on_broadcast
+        }
         if settings.worker_group:
             control[control_channel(settings.worker_group).encode()] = admin.on_control
-        if settings.warm_check == "push" or control:
-            track = settings.warm_check == "push"
-            app.state.push = push_listener(client, freshness, metrics, track, control)
-            listener = asyncio.get_running_loop().create_task(app.state.push.run())
+        track = settings.warm_check == "push"
+        app.state.push = push_listener(client, freshness, metrics, track, control)
+        listener = asyncio.get_running_loop().create_task(app.state.push.run())
         await registry.load_at_start(settings.model_version)
         if settings.gc_freeze:
             gc.collect()
@@ -222,10 +250,11 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             app.state.shutting_down = True
-            if listener is not None:
-                listener.cancel()
+            listener.cancel()
             await states.drain(DRAIN_TIMEOUT_S)
             await writeback.close(DRAIN_TIMEOUT_S)
+            if impressions is not None:
+                await impressions.close(DRAIN_TIMEOUT_S)
             await pool.shutdown()
             await client.aclose()
             if supervisor is not None:
@@ -246,7 +275,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics
     app.state.redis_mode = "not started"
     app.state.embedded_redis = None
-    app.state.push = None  # the InvalidationListener in push mode
+    app.state.impressions = None  # the ImpressionLog when IFA_IMPRESSION_LOG
+    app.state.push = None  # the InvalidationListener (push mode's tracking, control channels)
     app.state.shutting_down = False
     install_error_handlers(app)
     app.include_router(router)

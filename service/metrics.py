@@ -32,10 +32,13 @@ SEQUENCE_BUCKETS: Final = (0, 10, 100, 1_000, 10_000, 50_000, 100_000, 500_000, 
 
 OUTCOMES: Final = ("ok", "degraded", "rejected", "error")
 STAGES: Final = ("queue", "redis", "state", "score", "serialize")
-API_ROUTES: Final = ("/rank", "/events", "/v1/model", "/admin/reload")  # counted by HTTP code
+# counted by HTTP code (a path with a parameter under its template)
+API_ROUTES: Final = ("/rank", "/events", "/v1/model", "/admin/reload", "/users/{user_id}")
 CACHE_RESULTS: Final = ("hit", "refresh", "miss")
 DEGRADED_REASONS: Final = ("partial_state", "stale_state", "no_history", "overloaded")
 STATE_SOURCES: Final = ("local", "redis", "build")
+FORGET_SOURCES: Final = ("request", "broadcast")
+IMPRESSION_DROPS: Final = ("queue_full", "redis", "forgotten", "shutdown")
 
 CONTRACT_METRICS: Final = (
     "ifa_rank_request_duration_seconds",
@@ -185,6 +188,36 @@ class Metrics:
             "Sequence invalidations received by push (appends anywhere, deletes, expiries)",
             registry=r,
         )
+        self.users_forgotten = Counter(
+            "ifa_users_forgotten_total",
+            "Users forgotten (DELETE /users/{id}) by source: request (through this replica, "
+            "after their data was deleted), broadcast (announced by another replica)",
+            ["source"],
+            registry=r,
+        )
+        self.forgotten_states = Counter(
+            "ifa_forgotten_cached_states_total",
+            "In-process cached user states dropped because their user was forgotten, by source "
+            "(as ifa_users_forgotten_total)",
+            ["source"],
+            registry=r,
+        )
+        self.impressions_logged = Counter(
+            "ifa_impressions_logged_total",
+            "Impression-log records (answered /rank, clicks naming a request_id) written to "
+            "the Redis Streams",
+            registry=r,
+        )
+        self.impressions_dropped = Counter(
+            "ifa_impressions_dropped_total",
+            "Impression-log records dropped, by reason: queue_full (the writer fell behind), "
+            "redis (unreachable or slow), forgotten (the user was forgotten meanwhile), "
+            "shutdown (still queued at the stop)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in IMPRESSION_DROPS:
+            self.impressions_dropped.labels(reason)
         for o in OUTCOMES:
             self.request_duration.labels(o)
         for s in STAGES:
@@ -195,6 +228,9 @@ class Metrics:
             self.degraded.labels(reason)
         for src in STATE_SOURCES:
             self.state_source.labels(src)
+        for src in FORGET_SOURCES:
+            self.users_forgotten.labels(src)
+            self.forgotten_states.labels(src)
         for route in API_ROUTES:
             # a first 500 must be an increase from 0, or increase()-based alerts miss it
             self.http_responses.labels(route, "500")

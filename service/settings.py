@@ -221,10 +221,42 @@ class Settings(BaseSettings):
         description="new events fetched in the warm path's single round trip (GETRANGE cap)",
     )
 
+    # --- impression log (service/store/impressions.py; `ifa-rank logs export`)
+    impression_log: bool = Field(
+        default=True,
+        description="log every answered `/rank` (sampled) and every `/events` click that "
+        "names a `request_id` to Redis Streams, off the request path",
+    )
+    impression_sample_rate: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="share of `/rank` answers logged (by a stable hash of the request id)",
+    )
+    impression_shards: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="streams `ifa:imp:{0..n-1}`, a user's records in one; more spread the "
+        "log over a cluster's primaries (the exporter must be given the same number)",
+    )
+    impression_max_len: int = Field(
+        default=100_000,
+        ge=100,
+        description="entries kept in all streams together (`XADD MAXLEN ~`, the oldest "
+        "trimmed); an entry is about 12 bytes per returned item",
+    )
+    impression_queue: int = Field(
+        default=10_000,
+        ge=1,
+        description="records waiting for the writer; a full queue drops (counted)",
+    )
+
     # --- admin and logging
     admin_token: SecretStr | None = Field(
         default=None,
-        description="bearer token for `/admin/reload` (≥ 8 chars); unset: the endpoint is 404",
+        description="bearer token for `/admin/reload` and `DELETE /users/{id}` (≥ 8 chars); "
+        "unset: those endpoints are 404",
     )
     log_level: LogLevel = Field(
         default="info", description="`critical`, `error`, `warning`, `info`, `debug`"

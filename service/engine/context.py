@@ -41,6 +41,7 @@ class RankContext:
     sequence_length: int | None = None  # None: Redis was not reached
     cache_result: str | None = None  # hit, refresh, miss (None: Redis was not reached)
     state_source: str | None = None  # local, redis, build
+    forget_mark: int = 0  # Forgotten.mark() as the state lookup began (set by the resolver)
 
     def remaining_ms(self) -> float:
         return (self.deadline - time.perf_counter()) * 1e3

@@ -65,10 +65,19 @@ class StateCache:
             _, evicted = self._lru.popitem(last=False)
             self.nbytes -= state_bytes(evicted)
 
-    def discard(self, user: str) -> None:
+    def discard(self, user: str) -> bool:
         old = self._lru.pop(user, None)
         if old is not None:
             self.nbytes -= state_bytes(old)
+        return old is not None
+
+    def forget(self, user: str) -> bool:
+        """Drop the user's state, and detach a build in progress (not cancelled: requests
+        already waiting on it get their answer) so that the next request starts its own.
+        The detached build's result is not cached when its `keep` says no. True when a
+        state was dropped."""
+        self._flights.pop(user, None)
+        return self.discard(user)
 
     # ---------------------------------------------------------------- single flight
     def flight(self, user: str) -> asyncio.Task[UserState] | None:
@@ -77,17 +86,22 @@ class StateCache:
         return task if task is not None and not task.done() else None
 
     def start_flight(
-        self, user: str, build: Callable[[], Awaitable[UserState]]
+        self,
+        user: str,
+        build: Callable[[], Awaitable[UserState]],
+        keep: Callable[[], bool] = lambda: True,
     ) -> asyncio.Task[UserState]:
         """The running build for `user`, or a new one: concurrent callers share it.
-        The result goes into the LRU; the task is dropped from the table when done."""
+        The result goes into the LRU when `keep()` still says so as it ends (false: the
+        user was forgotten meanwhile); the task is dropped from the table when done."""
         running = self.flight(user)
         if running is not None:
             return running
 
         async def run() -> UserState:
             state = await build()
-            self.put(user, state)
+            if keep():
+                self.put(user, state)
             return state
 
         task = asyncio.get_running_loop().create_task(run(), name=f"state-build:{user}")
@@ -128,6 +142,11 @@ class StateWriteBack:
             return
         self._pending[(user, version)] = blob
         self._wake.set()
+
+    def discard(self, user: str) -> None:
+        """Drop the user's pending states (a forgotten user's must not be written)."""
+        for key in [k for k in self._pending if k[0] == user]:
+            del self._pending[key]
 
     @property
     def pending(self) -> int:

@@ -25,6 +25,7 @@ import numpy as np
 from ifa_common.records import RECORD_SIZE, unpack
 from ifa_common.state import StateFormatError, UserState
 from service.engine.context import RankContext
+from service.engine.forgotten import Forgotten
 from service.engine.freshness import Freshness
 from service.engine.pool import InferencePool
 from service.engine.slot import ModelSlot, Runtime
@@ -66,6 +67,7 @@ class StateResolver:
     pool: InferencePool
     writeback: StateWriteBack
     freshness: Freshness = field(default_factory=lambda: Freshness(1, 0.0))  # never up
+    forgotten: Forgotten = field(default_factory=Forgotten)
     _cooldown: Cooldown = field(init=False)
     _background: set[asyncio.Task[Any]] = field(init=False)
 
@@ -81,6 +83,7 @@ class StateResolver:
         """The state to score ctx's candidates with; ctx.degraded says why it is not the
         whole, current history (None when it is)."""
         slot, user, tm = ctx.slot, ctx.user, ctx.timings
+        ctx.forget_mark = self.forgotten.mark()
         cached = slot.cache.get(user)
         if cached is not None and self.freshness.fresh(user, cached.n):
             # Redis pushes every append to us: no news is good news (no round trip)
@@ -121,12 +124,12 @@ class StateResolver:
         if base is not None and base.n == length:
             ctx.cache_result, ctx.state_source = "hit", source
             if source == "redis":
-                slot.cache.put(user, base)
+                self._keep(ctx, base)
             return base
         if base is None and length == 0:
             ctx.cache_result, ctx.state_source = "miss", "build"
             empty = slot.runtime.empty_state()
-            slot.cache.put(user, empty)
+            self._keep(ctx, empty)
             return empty
 
         ctx.cache_result = "refresh" if base is not None else "miss"
@@ -140,10 +143,21 @@ class StateResolver:
             t = time.perf_counter()
             state = await self.pool.run(_fold_events, slot.runtime, base, unpack(snap.tail))
             tm.state += (time.perf_counter() - t) * 1e3
-            slot.cache.put(user, state)
-            self._write_back(slot, user, state)
+            self._keep(ctx, state, write_back=True)
             return state
         return await self._advance(ctx, base, length)
+
+    def _current(self, user: str, mark: int) -> bool:
+        """Work that began at `mark` read nothing the user's forget removed since."""
+        return not self.forgotten.since(user, mark)
+
+    def _keep(self, ctx: RankContext, state: UserState, write_back: bool = False) -> None:
+        """Cache (and write back) a state this request derived from its reads, unless the
+        user was forgotten since they began: it would bring the deleted history back."""
+        if self._current(ctx.user, ctx.forget_mark):
+            ctx.slot.cache.put(ctx.user, state)
+            if write_back:
+                self._write_back(ctx.slot, ctx.user, state)
 
     def _decode(self, slot: ModelSlot, user: str, blob: bytes) -> UserState | None:
         try:
@@ -182,8 +196,11 @@ class StateResolver:
             handoff: asyncio.Future[_Tail | None] = asyncio.get_running_loop().create_future()
             if fits:
                 handoff.set_result(None)
+            mark = ctx.forget_mark
             flight = slot.cache.start_flight(
-                user, lambda: self._build(slot, user, base, start, length, info, handoff)
+                user,
+                lambda: self._build(slot, user, base, start, length, info, handoff, mark),
+                keep=lambda: self._current(user, mark),
             )
             self._track(flight)
             if not fits:
@@ -255,6 +272,7 @@ class StateResolver:
         length: int,
         info: _Build,
         handoff: asyncio.Future[_Tail | None],
+        mark: int,
     ) -> UserState:
         tail = await handoff
         stop = tail.start if tail is not None else length
@@ -265,7 +283,8 @@ class StateResolver:
         if tail is not None:
             state = tail.state if state is None else slot.runtime.fold(state, tail.state)
         assert state is not None  # stop > start or a tail: some events were built
-        self._write_back(slot, user, state)
+        if self._current(user, mark):
+            self._write_back(slot, user, state)
         return state
 
     async def _read_and_build(

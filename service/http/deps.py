@@ -16,6 +16,7 @@ from service.metrics import Metrics
 from service.settings import Settings
 from service.usecases.admin import AdminUseCase
 from service.usecases.events import EventsUseCase
+from service.usecases.forget import ForgetUseCase
 from service.usecases.rank import RankUseCase
 
 
@@ -47,6 +48,11 @@ async def get_admin(request: Request) -> AdminUseCase:
     return use_case
 
 
+async def get_forget(request: Request) -> ForgetUseCase:
+    use_case: ForgetUseCase = _started(request, "forget")
+    return use_case
+
+
 async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
@@ -55,6 +61,7 @@ async def get_metrics(request: Request) -> Metrics:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EventsDep = Annotated[EventsUseCase, Depends(get_events)]
 AdminUseCaseDep = Annotated[AdminUseCase, Depends(get_admin)]
+ForgetDep = Annotated[ForgetUseCase, Depends(get_forget)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 

@@ -206,6 +206,11 @@ class BodyLimitMiddleware:
         await self.app(scope, limited, send)
 
 
+def _template(path: str) -> str:
+    """The counted route of a path with a parameter (one series per route, not per user)."""
+    return "/users/{user_id}" if path.startswith("/users/") else "other"
+
+
 class RequestMetricsMiddleware:
     """ifa_rank_request_duration_seconds{outcome} for /rank; response codes per API route.
 
@@ -237,7 +242,7 @@ class RequestMetricsMiddleware:
         except ClientDisconnect:
             status = CLIENT_CLOSED  # nothing can be sent; nothing went wrong here
         finally:
-            route = path if path in COUNTED_ROUTES else "other"
+            route = path if path in COUNTED_ROUTES else _template(path)
             self.metrics.http_responses.labels(route, str(status)).inc()
             if path == "/rank":
                 if status == 200:

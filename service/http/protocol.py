@@ -135,6 +135,14 @@ class Event(BaseModel):
         default=None, description="absent: unknown (looked up by the model)"
     )
     action: Action = 0
+    request_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]{1,128}$",
+        description="the /rank answer this event acts on (a click on a served item): "
+        "logged with the impressions, so `ifa-rank logs export` labels exactly that answer",
+    )
 
 
 class EventsRequest(BaseModel):
@@ -181,6 +189,35 @@ class ReloadRequest(BaseModel):
         default=None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
         description="artifact version under IFA_ARTIFACTS_DIR (default: `latest`)",
+    )
+
+
+class ForgetResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "u42",
+                    "removed": {
+                        "sequence": 1,
+                        "states": 2,
+                        "idempotency_keys": 5,
+                        "impressions": 12,
+                    },
+                    "cached_states_dropped": 1,
+                }
+            ]
+        }
+    )
+
+    user_id: str
+    removed: dict[str, int] = Field(
+        description="per kind of data the service keeps of a user, how many items were "
+        "removed (every kind it keeps is listed, 0 when there was none)"
+    )
+    cached_states_dropped: int = Field(
+        description="in-process cached states dropped on the replica that answered (the "
+        "others drop theirs when they hear of the forget)"
     )
 
 

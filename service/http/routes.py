@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel
 from starlette.responses import PlainTextResponse, Response
 
@@ -16,6 +16,7 @@ from service.http.deps import (
     AdminDep,
     AdminUseCaseDep,
     EventsDep,
+    ForgetDep,
     MetricsDep,
     SettingsDep,
     get_rank,
@@ -29,9 +30,11 @@ from service.http.middleware import (
     validation_error,
 )
 from service.http.protocol import (
+    USER_ID_PATTERN,
     ErrorBody,
     EventsRequest,
     EventsResponse,
+    ForgetResponse,
     ModelInfo,
     RankRequest,
     RankResponse,
@@ -117,6 +120,15 @@ async def rank(request: Request) -> Response:
     payload = orjson.dumps(rank_answer(result))
     result.timings.serialize = (time.perf_counter() - t) * 1e3
     state.metrics.observe_rank(result.context)  # the one place an answer's metrics go
+    if state.impressions is not None:  # queued only: the log is written off the path
+        state.impressions.offer_impression(
+            result.request_id,
+            result.user_id,
+            result.model_version,
+            result.degraded,
+            result.item_ids,
+            result.scores,
+        )
     request.state.degraded = result.degraded
     return json_bytes(payload)
 
@@ -144,6 +156,7 @@ async def events(request: Request, use_case: EventsDep, settings: SettingsDep) -
             [e.category for e in evs],
             [e.action for e in evs],
             body.idempotency_key,
+            [e.request_id for e in evs],
         )
     except StoreUnavailable:
         return _unavailable("event store unavailable; retry with the same idempotency_key", 1)
@@ -240,4 +253,46 @@ async def reload(request: Request, _: AdminDep, admin: AdminUseCaseDep) -> Respo
         return error_response(422, f"artifact cannot be served: {e}", "version: not servable")
     return JSONResponse(
         {"version": slot.version, "previous": previous, "provider": slot.runtime.provider}
+    )
+
+
+@router.delete(
+    "/users/{user_id}",
+    response_model=ForgetResponse,
+    responses={
+        401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+        404: {"model": ErrorBody, "description": "no admin token configured"},
+        422: {"model": ErrorBody, "description": "not a valid user id; `error` says why"},
+        503: {
+            "model": ErrorBody,
+            "description": "Redis unavailable: retry (some data may be gone; a forget is idempotent)",
+        },
+    },
+    summary="Forget a user: sequence, states, idempotency keys, impression log entries; "
+    "every replica's cache",
+)
+async def forget_user(
+    _: AdminDep,  # first: a token-less call is a 401 whatever its user id
+    use_case: ForgetDep,
+    user_id: Annotated[
+        str,
+        Path(
+            min_length=1,
+            max_length=128,
+            pattern=USER_ID_PATTERN,
+            description="1..128 characters of [A-Za-z0-9_.:@-]",
+            examples=["u42"],
+        ),
+    ],
+) -> Response:
+    try:
+        result = await use_case.forget(user_id)
+    except StoreUnavailable:
+        return _unavailable("user store unavailable; retry (forgetting is idempotent)", 1)
+    return JSONResponse(
+        {
+            "user_id": result.user,
+            "removed": result.removed,
+            "cached_states_dropped": result.cached_states_dropped,
+        }
     )

@@ -102,7 +102,9 @@ Record = Impression | Click
 
 class ImpressionLog:
     """`client`: an async Redis or RedisCluster client. `on_logged(n)` and
-    `on_dropped(reason, n)` count (reasons: `queue_full`, `redis`)."""
+    `on_dropped(reason, n)` count (reasons: `queue_full`, `redis`, `forgotten`,
+    `shutdown`). `mark()` and `forgotten_since(user, mark)`: a record whose user was
+    forgotten (DELETE /users) after it was queued is not written."""
 
     def __init__(
         self,
@@ -115,13 +117,17 @@ class ImpressionLog:
         timeout_s: float,
         on_logged: Callable[[int], None],
         on_dropped: Callable[[str, int], None],
+        mark: Callable[[], int] = lambda: 0,
+        forgotten_since: Callable[[str, int], bool] = lambda user, mark: False,
     ) -> None:
         self.client = client
         self.shards = max(1, shards)
         self.max_len = max_len
         self.sample_rate = sample_rate
         self.timeout_s = timeout_s
-        self._queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=queue_size)
+        self._queue: asyncio.Queue[tuple[Record, int]] = asyncio.Queue(maxsize=queue_size)
+        self._mark = mark
+        self._forgotten_since = forgotten_since
         self._on_logged = on_logged
         self._on_dropped = on_dropped
         self._task: asyncio.Task[None] | None = None
@@ -145,7 +151,7 @@ class ImpressionLog:
 
     def _put(self, record: Record) -> None:
         try:
-            self._queue.put_nowait(record)
+            self._queue.put_nowait((record, self._mark()))
         except asyncio.QueueFull:
             self._on_dropped("queue_full", 1)
 
@@ -170,14 +176,18 @@ class ImpressionLog:
             batch = [await self._queue.get()]
             while len(batch) < BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            keep = [r for r, m in batch if not self._forgotten_since(r.user_id, m)]
+            if len(keep) < len(batch):
+                self._on_dropped("forgotten", len(batch) - len(keep))
             try:
-                await self._write(batch)
-                self._on_logged(len(batch))
+                if keep:
+                    await self._write(keep)
+                    self._on_logged(len(keep))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # Redis down, slow or refusing: the log gives way
-                log.debug("impression log: %d records dropped: %s", len(batch), e)
-                self._on_dropped("redis", len(batch))
+                log.debug("impression log: %d records dropped: %s", len(keep), e)
+                self._on_dropped("redis", len(keep))
             finally:
                 for _ in batch:
                     self._queue.task_done()

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ifa_common.records import RECORD_SIZE, unpack
+from ifa_common.state import covered_events
 from service.store.cluster import make_cluster_client, node_of, ping_any_node
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,16 @@ if tonumber(ARGV[1]) >= 0 then tail = redis.call('GETRANGE', KEYS[1], ARGV[1], A
 local state = false
 if ARGV[3] == '1' then state = redis.call('GET', KEYS[2]) end
 return {nbytes, tail, state}
+"""
+
+
+# A state is written back only while the sequence still holds every event it covers: a
+# state built from a history deleted meanwhile (DELETE /users/{id}, through any replica)
+# must not come back, to be folded onto the user's next events.
+_WRITE_STATE_LUA: Final = """
+if redis.call('STRLEN', KEYS[1]) < tonumber(ARGV[3]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[2]))
+return 1
 """
 
 
@@ -213,7 +224,13 @@ class RedisSequenceStore:
                     # commands to an arbitrary node (a MOVED each) without this
                     await self.client.initialize()
                 return await fn()
-        except (RedisError, OSError, TimeoutError) as e:
+        except (RedisError, OSError, TimeoutError, AttributeError) as e:
+            # AttributeError: redis-py's async cluster client races itself when a node
+            # fails (a connection closed by one command while another is writing to it:
+            # "'NoneType' object has no attribute 'writelines'", tests/e2e/test_cluster.py);
+            # a client failure is a Redis failure here, never a 500
+            if isinstance(e, AttributeError):
+                log.warning("redis client error in %s", op, exc_info=True)
             if self._on_error is not None:
                 self._on_error(op)
             timed_out = isinstance(e, TimeoutError | RedisTimeoutError)
@@ -349,7 +366,10 @@ class RedisSequenceStore:
         async def run() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
             for user, version, blob in items:
-                pipe.set(state_key(user, version), blob, ex=self._state_ttl)
+                covers = (covered_events(blob) or 0) * RECORD_SIZE
+                keys = (seq_key(user), state_key(user, version))
+                # EVAL, not EVALSHA: a pipeline cannot load a missing script and retry
+                pipe.eval(_WRITE_STATE_LUA, 2, *keys, blob, self._state_ttl, covers)
             return list(await pipe.execute())
 
         await self._call("write_states", run)

@@ -7,14 +7,22 @@ from collections.abc import Sequence
 from ifa_common.records import UNKNOWN_CATEGORY, make_events, pack
 from service.engine.freshness import Freshness
 from service.metrics import Metrics
+from service.store.impressions import Click, ImpressionLog
 from service.store.redis_store import AppendResult, SequenceStore
 
 
 class EventsUseCase:
-    def __init__(self, store: SequenceStore, metrics: Metrics, freshness: Freshness) -> None:
+    def __init__(
+        self,
+        store: SequenceStore,
+        metrics: Metrics,
+        freshness: Freshness,
+        impressions: ImpressionLog | None = None,
+    ) -> None:
         self.store = store
         self.metrics = metrics
         self.freshness = freshness
+        self.impressions = impressions
 
     async def append(
         self,
@@ -24,8 +32,10 @@ class EventsUseCase:
         category: Sequence[int | None],
         action: Sequence[int],
         idempotency_key: str | None,
+        request_id: Sequence[str | None] = (),
     ) -> AppendResult:
-        """Events in the order given; a category of None is stored as unknown."""
+        """Events in the order given; a category of None is stored as unknown. An event
+        with a `request_id` (the /rank answer it acts on) is also logged as a click."""
         cats = [UNKNOWN_CATEGORY if c is None else c for c in category]
         records = pack(make_events(list(item_id), list(ts), cats, list(action)))
         try:
@@ -36,4 +46,9 @@ class EventsUseCase:
             self.freshness.invalidate(user_id)
         if not result.replayed:
             self.metrics.events_appended.inc(result.appended)
+            if self.impressions is not None:
+                for i, rid in enumerate(request_id):
+                    if rid is not None:
+                        click = Click(rid, user_id, int(item_id[i]), int(ts[i]), int(action[i]))
+                        self.impressions.offer_click(click)
         return result

@@ -65,6 +65,7 @@ class Traffic:
     candidates: list[int] = field(default_factory=lambda: list(range(20)))
     answers: list[RankAnswer] = field(default_factory=list)
     event_statuses: list[int] = field(default_factory=list)
+    client_errors: list[str] = field(default_factory=list)  # no HTTP answer (status -1)
     acked: dict[str, int] = field(default_factory=dict)  # user -> events acknowledged
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -94,6 +95,8 @@ class Traffic:
             status, body = http.post("/rank", {"user_id": user, "candidates": self.candidates})
             degraded = body.get("degraded") if status == 200 and isinstance(body, dict) else None
             with self._lock:
+                if status == -1:
+                    self.client_errors.append(f"{time.monotonic():.3f} /rank {body}")
                 self.answers.append(RankAnswer(time.monotonic(), user, status, degraded))
         http.close()
 
@@ -106,9 +109,11 @@ class Traffic:
                 "events": [{"item_id": count, "ts": 1_700_000_000 + count}],
                 "idempotency_key": f"{user}:{count}",
             }
-            status, _ = http.post("/events", body)
+            status, answer = http.post("/events", body)
             with self._lock:
                 self.event_statuses.append(status)
+                if status == -1:
+                    self.client_errors.append(f"{time.monotonic():.3f} /events {answer}")
             if status == 200:
                 count += 1
                 self.acked[user] = count

@@ -116,6 +116,7 @@ def test_a_primary_killed_under_traffic(
         f"kinds {sorted({a.degraded for a in degraded if a.degraded})}; /events calls "
         f"{ev.size}, 200: {(ev == 200).sum()}, 503: {(ev == 503).sum()}"
     )
+    assert not traffic.client_errors, (t_kill, traffic.client_errors[:5])
     assert {a.status for a in answers} == {200}  # no 5xx, no dropped connection
     assert set(ev.tolist()) <= {200, 503}  # appends refused while unreplicable, never a 500
     assert any(a.user in lost for a in degraded)  # the lost slots' users were flagged

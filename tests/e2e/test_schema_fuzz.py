@@ -72,7 +72,8 @@ def test_every_answer_conforms_and_none_is_5xx(fuzzed: Service, mode: str, token
             if mode == "positive":
                 check(operation.Case())
     operations = {name for name, _ in calls}
-    wanted = {"POST /rank", "POST /events", "POST /admin/reload"}  # the ones with inputs
+    # the ones with inputs
+    wanted = {"POST /rank", "POST /events", "POST /admin/reload", "DELETE /users/{user_id}"}
     if mode == "positive":
         wanted |= {"GET /metrics", "GET /readyz", "GET /v1/model"}
     assert wanted <= operations, wanted - operations

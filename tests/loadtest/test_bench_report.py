@@ -147,10 +147,13 @@ def test_tiny_end_to_end_bench_writes_the_contracted_report(
         "cluster_push_c16",
         "redis_strict_c1",
         "cluster_strict_c1",
+        "redis_push_nolog_c1",
+        "redis_push_nolog_c16",
     }
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in cluster["runs"].values())
-    assert cluster["p50_ratio_strict_c1"] > 0
+    assert cluster["p50_ratio_strict_c1"] > 0 and cluster["p50_ratio_impression_log_c1"] > 0
     md = (out / "bench.md").read_text()
     assert "## HTTP on loopback" in md and "## Targets" in md
     assert "| strict | 1 |" in md and "cluster / one Redis (strict, c=1)" in md
+    assert "impression log on / off (c=1)" in md
     assert (out / "bench_http_latency.png").stat().st_size > 0

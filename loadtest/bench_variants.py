@@ -1,0 +1,125 @@
+"""The interleaved variants of `make bench`: warm /rank on a Redis Cluster beside one
+Redis, and with the impression log off beside on (its default), in one run.
+
+A local cluster (3 primaries, a replica each, `loadtest.redis_cluster`) is seeded with the
+same warm users as the single Redis of the main run. Five service processes start:
+
+    redis/push, cluster/push      push warm check: a warm answer asks Redis nothing
+    redis/strict, cluster/strict  one Redis command per request (the warm path's EVALSHA,
+                                  routed by slot on the cluster)
+    redis/push/nolog              IFA_IMPRESSION_LOG=false: what logging the answers costs
+
+Each is primed, then every repeat measures each of them in turn, so the box's drift falls
+on all alike. The idle ones cost nothing but their pings.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from loadtest.bench_http import Loader, median_summary, post, rank_body
+from loadtest.bench_plan import BenchPlan
+from loadtest.redis_cluster import LocalRedisCluster
+from loadtest.seed import connect, seed_synthetic
+from loadtest.server import LocalService
+
+log = logging.getLogger(__name__)
+
+# name -> (backend, extra settings); the first concurrency only unless "all"
+VARIANTS: dict[str, tuple[str, dict[str, str], bool]] = {
+    "redis_push": ("redis", {"IFA_WARM_CHECK": "push"}, True),
+    "cluster_push": ("cluster", {"IFA_WARM_CHECK": "push"}, True),
+    "redis_strict": ("redis", {"IFA_WARM_CHECK": "strict"}, False),
+    "cluster_strict": ("cluster", {"IFA_WARM_CHECK": "strict"}, False),
+    "redis_push_nolog": ("redis", {"IFA_WARM_CHECK": "push", "IFA_IMPRESSION_LOG": "false"}, True),
+}
+# the ratios reported: (name, numerator variant, denominator variant)
+RATIOS = (
+    ("p50_ratio_push", "cluster_push", "redis_push"),
+    ("p50_ratio_strict", "cluster_strict", "redis_strict"),
+    ("p50_ratio_impression_log", "redis_push", "redis_push_nolog"),
+)
+
+
+def runs(plan: BenchPlan, variant: str) -> tuple[int, ...]:
+    every = VARIANTS[variant][2]
+    return plan.cluster_concurrency if every else plan.cluster_concurrency[:1]
+
+
+def variants_bench(
+    plan: BenchPlan,
+    artifacts: str,
+    redis_url: str,
+    users: list[str],
+    bodies: list[bytes | None],
+    tool: str,
+    out_dir: Path,
+) -> dict[str, Any]:
+    with (
+        tempfile.TemporaryDirectory(prefix="ifa-bench-cluster-") as tmp,
+        LocalRedisCluster(Path(tmp)) as cluster,
+    ):
+        client = connect(cluster.url, cluster=True)
+        try:  # the main run's warm users, the same seed: the same histories
+            seed_synthetic(
+                client,
+                plan.warm_users,
+                plan.n_events,
+                items=plan.items,
+                prefix="warm",
+                seed=11,
+                progress=False,
+            )
+        finally:
+            client.close()
+        urls = {"redis": redis_url, "cluster": cluster.url}
+        services: dict[str, LocalService] = {}
+        try:
+            for name, (backend, env, _) in VARIANTS.items():
+                env = dict(env)
+                if backend == "cluster":
+                    env["IFA_REDIS_CLUSTER"] = "true"
+                svc = LocalService(
+                    artifacts_dir=artifacts,
+                    redis_url=urls[backend],
+                    env=env,
+                    log_path=out_dir / f"bench-server-{name}.log",
+                )
+                services[name] = svc
+                svc.start_service()
+                conn = http.client.HTTPConnection(svc.host, svc.port, timeout=120)
+                for u in users:  # warm: the state built (or read) and cached
+                    post(conn, "/rank", rank_body(u, [1, 2, 3], budget_ms=60_000))
+                conn.close()
+            series: dict[str, list[dict[str, Any]]] = {}
+            for rep in range(plan.repeats):
+                for name, svc in services.items():
+                    for c in runs(plan, name):
+                        r = Loader(tool, svc).run("POST", "/rank", bodies, c, plan)
+                        series.setdefault(f"{name}_c{c}", []).append(r)
+                        log.info(
+                            "rep %d %-17s c=%-3d p50 %.2f ms  p99 %.2f ms  %.0f req/s",
+                            rep + 1,
+                            name,
+                            c,
+                            r["p50_ms"],
+                            r["p99_ms"],
+                            r["rps"],
+                        )
+        finally:
+            for svc in services.values():
+                svc.stop()
+    out: dict[str, Any] = {
+        "topology": "3 primaries + 1 replica each, loopback",
+        "runs": {k: median_summary(v) for k, v in series.items()},
+    }
+    for ratio, top, bottom in RATIOS:
+        for c in runs(plan, top):
+            over = out["runs"].get(f"{bottom}_c{c}", {}).get("p50_ms")
+            under = out["runs"].get(f"{top}_c{c}", {}).get("p50_ms")
+            out[f"{ratio}_c{c}"] = under / over if over and under else None
+    return out
