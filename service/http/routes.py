@@ -126,8 +126,8 @@ async def rank(request: Request) -> Response:
             result.user_id,
             result.model_version,
             result.degraded,
-            result.item_ids,
-            result.scores,
+            result.item_array,
+            result.score_array,
         )
     request.state.degraded = result.degraded
     return json_bytes(payload)

@@ -62,8 +62,25 @@ class Impression:
     ts_ms: int
     model_version: str
     degraded: str | None
-    item_ids: Sequence[int]
-    scores: Sequence[float]
+    items: bytes  # int64 little-endian, best first
+    scores: bytes  # float32 little-endian, the same order
+
+    @classmethod
+    def of(
+        cls,
+        request_id: str,
+        user_id: str,
+        ts_ms: int,
+        model_version: str,
+        degraded: str | None,
+        item_ids: Sequence[int] | np.ndarray,
+        scores: Sequence[float] | np.ndarray,
+    ) -> Impression:
+        # encoded as the request queues it: from the answer's arrays a microsecond, and
+        # the writer then only frames them
+        items = np.asarray(item_ids).astype("<i8", copy=False).tobytes()
+        weights = np.asarray(scores).astype("<f4", copy=False).tobytes()
+        return cls(request_id, user_id, ts_ms, model_version, degraded, items, weights)
 
     def fields(self) -> dict[str, bytes | str | int]:
         return {
@@ -73,8 +90,8 @@ class Impression:
             "ts": self.ts_ms,
             "v": self.model_version,
             "deg": self.degraded or "",
-            "items": np.asarray(self.item_ids, "<i8").tobytes(),
-            "scores": np.asarray(self.scores, "<f4").tobytes(),
+            "items": self.items,
+            "scores": self.scores,
         }
 
 
@@ -138,13 +155,16 @@ class ImpressionLog:
         user_id: str,
         model_version: str,
         degraded: str | None,
-        item_ids: Sequence[int],
-        scores: Sequence[float],
+        item_ids: Sequence[int] | np.ndarray,
+        scores: Sequence[float] | np.ndarray,
     ) -> None:
         if not sampled(request_id, self.sample_rate):
             return
         ts_ms = int(time.time() * 1000)
-        self._put(Impression(request_id, user_id, ts_ms, model_version, degraded, item_ids, scores))
+        record = Impression.of(
+            request_id, user_id, ts_ms, model_version, degraded, item_ids, scores
+        )
+        self._put(record)
 
     def offer_click(self, click: Click) -> None:
         self._put(click)  # never sampled out: a click of a sampled-out request joins nothing

@@ -163,7 +163,7 @@ def log_entries(url: str, users: dict[str, int], shards: int) -> None:
                 record: Impression | Click = (
                     Click(f"r{i}", u, i, 1_700_000_000, 0)
                     if i % 3 == 2
-                    else Impression(f"r{i}", u, 1, "v1", None, [1, 2], [0.5, 0.4])
+                    else Impression.of(f"r{i}", u, 1, "v1", None, [1, 2], [0.5, 0.4])
                 )
                 pipe.xadd(stream_key(shard_of(u, shards)), record.fields())
         pipe.execute()
