@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import urllib.request
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e.uvicorn_proc import TOKEN, Service, service_env
-from prometheus_client.parser import text_string_to_metric_families
+from e2e.uvicorn_proc import TOKEN, Service, service_env, two_replicas
 from svc_helpers import random_events, seed_sequence, user, wait_until
 
 from service.store.embedded_redis import RedisServer
@@ -45,17 +42,6 @@ def scores(svc: Service, u: str) -> list[float]:
     return [it["score"] for it in sorted(body["items"], key=lambda it: it["item_id"])]
 
 
-def metric(svc: Service, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(svc.base_url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
-
-
 @pytest.fixture
 def replicas(
     redis_server: RedisServer, tiny_artifacts: Path, tmp_path: Path
@@ -68,12 +54,8 @@ def replicas(
         IFA_WARM_CHECK="push",
         IFA_PUSH_MAX_STALENESS_MS="600000",
     )
-    with ExitStack() as stack:
-        a = Service(env, tmp_path / "a.log").start()
-        stack.callback(a.stop)
-        b = Service(env, tmp_path / "b.log").start()
-        stack.callback(b.stop)
-        yield a, b
+    with two_replicas(env, tmp_path) as pair:
+        yield pair
 
 
 @pytest.mark.slow
@@ -89,12 +71,12 @@ def test_a_forget_through_one_replica_empties_the_others_cache(
     assert answer["removed"]["sequence"] == 1
     assert answer["cached_states_dropped"] == 0  # A never served this user
     wait_until(
-        lambda: metric(b, "ifa_users_forgotten_total", source="broadcast") == 1,
+        lambda: b.metric("ifa_users_forgotten_total", source="broadcast") == 1,
         what="B heard of the forget",
     )
-    assert metric(b, "ifa_forgotten_cached_states_total", source="broadcast") == 1
-    assert metric(a, "ifa_users_forgotten_total", source="request") == 1
-    assert metric(a, "ifa_users_forgotten_total", source="broadcast") == 0  # its own message
+    assert b.metric("ifa_forgotten_cached_states_total", source="broadcast") == 1
+    assert a.metric("ifa_users_forgotten_total", source="request") == 1
+    assert a.metric("ifa_users_forgotten_total", source="broadcast") == 0  # its own message
     # the user starts again with more events than B's forgotten state covered
     again = random_events(400, seed=8)
     for who in (u, twin):

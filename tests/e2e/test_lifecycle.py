@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ import pandas as pd
 import pytest
 from e2e.http_traffic import Http
 from e2e.uvicorn_proc import TOKEN, Service, service_env
-from prometheus_client.parser import text_string_to_metric_families
 from svc_helpers import random_events, wait_until
 
 from ifa_rank.cli import main
@@ -55,7 +53,10 @@ def test_serve_click_export_train_export_reload(
                 status, _ = http.post("/events", {"user_id": u, "events": [click]})
                 assert status == 200
         # written off the request path: every impression and click, a moment later
-        wait_until(lambda: logged(svc) >= 2 * served, what="the impression log written")
+        wait_until(
+            lambda: svc.metric("ifa_impressions_logged_total") >= 2 * served,
+            what="the impression log written",
+        )
 
         out = tmp_path / "served.parquet"
         export = ["logs", "export", "--out", str(out), "--redis-url", redis_url]
@@ -80,14 +81,3 @@ def test_serve_click_export_train_export_reload(
     finally:
         http.close()
         assert svc.stop()
-
-
-def logged(svc: Service) -> float:
-    with urllib.request.urlopen(svc.base_url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == "ifa_impressions_logged_total"
-    )

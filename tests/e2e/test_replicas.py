@@ -4,16 +4,13 @@ built is reused by the other (no second build); a reload on one leaves the other
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 from e2e.http_traffic import Http
-from e2e.uvicorn_proc import TOKEN, Service, service_env
-from prometheus_client.parser import text_string_to_metric_families
+from e2e.uvicorn_proc import TOKEN, Service, service_env, two_replicas
 from svc_helpers import ClusterUrl, random_events, seed_sequence, sync_redis, user, wait_until
 
 from service.store.redis_store import state_key
@@ -32,29 +29,14 @@ def scores(body: dict[str, Any]) -> list[float]:
     return [it["score"] for it in sorted(body["items"], key=lambda it: it["item_id"])]
 
 
-def metric(svc: Service, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(svc.base_url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
-
-
 @pytest.fixture
 def replicas(
     redis_any: str, tiny_artifacts_two_versions: Path, tmp_path: Path
 ) -> Iterator[tuple[Service, Service]]:
     extra = {"IFA_REDIS_CLUSTER": "true"} if isinstance(redis_any, ClusterUrl) else {}
     env = service_env(redis_any, tiny_artifacts_two_versions, **extra)
-    with ExitStack() as stack:
-        a = Service(env, tmp_path / "a.log").start()
-        stack.callback(a.stop)
-        b = Service(env, tmp_path / "b.log").start()
-        stack.callback(b.stop)
-        yield a, b
+    with two_replicas(env, tmp_path) as pair:
+        yield pair
 
 
 def test_events_through_one_are_in_the_others_next_answer(
@@ -84,11 +66,11 @@ def test_a_state_built_by_one_is_reused_by_the_other(
     built = rank(Http(a.port), u)  # A reads 3000 events and builds
     with sync_redis(redis_any) as r:
         wait_until(lambda: r.exists(state_key(u, "v1")) == 1, what="A wrote the state back")
-    builds_before = metric(b, "ifa_state_source_total", source="build")
-    from_redis_before = metric(b, "ifa_state_source_total", source="redis")
+    builds_before = b.metric("ifa_state_source_total", source="build")
+    from_redis_before = b.metric("ifa_state_source_total", source="redis")
     got = rank(Http(b.port), u)
-    assert metric(b, "ifa_state_source_total", source="redis") == from_redis_before + 1
-    assert metric(b, "ifa_state_source_total", source="build") == builds_before  # no rebuild
+    assert b.metric("ifa_state_source_total", source="redis") == from_redis_before + 1
+    assert b.metric("ifa_state_source_total", source="build") == builds_before  # no rebuild
     assert scores(got) == pytest.approx(scores(built), abs=1e-6)
 
 

@@ -8,7 +8,12 @@ Used by tests/e2e and tests/deploy (as `e2e.uvicorn_proc`):
 
 from __future__ import annotations
 
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.server import LocalService
 from service.store.embedded_redis import RedisServer
@@ -31,6 +36,17 @@ class Service(LocalService):
 
     def stop(self) -> bool:
         return super().stop() and "Application shutdown complete" in self.log()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `name` (with these labels) on the process' /metrics."""
+        with urllib.request.urlopen(self.base_url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return sum(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
 
 def service_env(redis_url: str, artifacts: Path, **extra: str) -> dict[str, str]:
@@ -59,3 +75,15 @@ def start_service(
     svc = Service(service_env(redis_server.url, artifacts, **extra_env), log_path)
     svc.start()
     return svc
+
+
+@contextmanager
+def two_replicas(env: dict[str, str], log_dir: Path) -> Iterator[tuple[Service, Service]]:
+    """Two started service processes with the same settings (a.log, b.log), both stopped
+    at the end."""
+    with ExitStack() as stack:
+        a, b = Service(env, log_dir / "a.log"), Service(env, log_dir / "b.log")
+        for svc in (a, b):
+            svc.start()
+            stack.callback(svc.stop)
+        yield a, b
