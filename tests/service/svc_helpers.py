@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from ifa_common.records import make_events, pack
+from service.app import create_app
 from service.settings import Settings
 from service.store.redis_store import seq_key
 
@@ -114,3 +116,19 @@ def metric_value(client: TestClient, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return float(s.value)
     return 0.0
+
+
+@contextmanager
+def push_and_strict(
+    url: str, artifacts: Path, **push_overrides: Any
+) -> Iterator[tuple[TestClient, TestClient]]:
+    """Two apps (replicas) on one Redis: the default push warm check (with the given
+    settings) and a strict one, whose answers are the reference."""
+    with ExitStack() as stack:
+        push = stack.enter_context(
+            TestClient(create_app(make_settings(url, artifacts, **push_overrides)))
+        )
+        strict = stack.enter_context(
+            TestClient(create_app(make_settings(url, artifacts, warm_check="strict")))
+        )
+        yield push, strict

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from fastapi.testclient import TestClient
 from svc_helpers import (
     make_settings,
     metric_value,
+    push_and_strict,
     random_events,
     seed_sequence,
     sync_redis,
@@ -204,24 +204,16 @@ def test_a_build_in_flight_does_not_bring_the_history_back(
 
 
 @pytest.fixture
-def push_and_strict(
-    one_redis: str, tiny_artifacts: Path
-) -> Iterator[tuple[TestClient, TestClient]]:
-    with ExitStack() as stack:
-        push = stack.enter_context(
-            TestClient(create_app(make_settings(one_redis, tiny_artifacts, admin_token=TOKEN)))
-        )
-        strict = stack.enter_context(
-            TestClient(create_app(make_settings(one_redis, tiny_artifacts, warm_check="strict")))
-        )
-        yield push, strict
+def apps(one_redis: str, tiny_artifacts: Path) -> Iterator[tuple[TestClient, TestClient]]:
+    with push_and_strict(one_redis, tiny_artifacts, admin_token=TOKEN) as pair:
+        yield pair
 
 
 def test_a_strict_replica_hears_the_forget_too(
-    push_and_strict: tuple[TestClient, TestClient], one_redis: str
+    apps: tuple[TestClient, TestClient], one_redis: str
 ) -> None:
     """Strict mode needs no push channel for its reads, but listens for the forgets."""
-    push, strict = push_and_strict
+    push, strict = apps
     u = user()
     seed_sequence(one_redis, u, 50)
     scores(strict, u)  # cached there

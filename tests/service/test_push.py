@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from svc_helpers import (
     ClusterUrl,
     make_settings,
     metric_value,
+    push_and_strict,
     random_events,
     seed_sequence,
     sync_redis,
@@ -65,11 +65,7 @@ def verified_user(push: TestClient, redis_url: str, n: int) -> tuple[str, list[f
 
 @pytest.fixture
 def apps(redis_url: str, tiny_artifacts: Path) -> Iterator[tuple[TestClient, TestClient]]:
-    with ExitStack() as stack:
-        push = stack.enter_context(TestClient(create_app(make_settings(redis_url, tiny_artifacts))))
-        strict = stack.enter_context(
-            TestClient(create_app(make_settings(redis_url, tiny_artifacts, warm_check="strict")))
-        )
+    with push_and_strict(redis_url, tiny_artifacts) as (push, strict):
         wait_until(lambda: metric_value(push, "ifa_push_channel_up") == 1)
         yield push, strict
 
