@@ -115,6 +115,12 @@ class StateResolver:
         length = ctx.sequence_length = snap.length
 
         base, source = cached, "local"
+        if base is None:
+            # another request may have built the state while this one read Redis: use it
+            # (else a cold user's late request, finding no build in flight, builds again)
+            # (one built from a later read, past this snapshot, is left for the next one)
+            newer = slot.cache.get(user)
+            base = newer if newer is not None and newer.n <= length else None
         if base is None and snap.state_blob is not None:
             base, source = self._decode(slot, user, snap.state_blob), "redis"
         if base is not None and base.n > length:
