@@ -177,6 +177,34 @@ def test_warm_user_is_one_round_trip_and_no_build() -> None:
     assert (ctx.cache_result, ctx.state_source) == ("hit", "local")
 
 
+def test_a_state_built_while_this_request_read_redis_is_used_not_rebuilt() -> None:
+    """A cold user's second request whose snapshot answers after the first request's build
+    finished finds no build in flight: it must take the state that build cached."""
+    resolver, slot, store, runtime, _ = ladder(800)
+    first_done = asyncio.Event()
+    real_snapshot = store.snapshot
+
+    async def late_snapshot(*args: Any) -> Snapshot:
+        snap = await real_snapshot(*args)
+        await first_done.wait()  # answered only once the other request has its state
+        return snap
+
+    async def run() -> tuple[UserState, RankContext]:
+        late_ctx = context(slot, 60)
+        store.snapshot = late_snapshot  # type: ignore[method-assign,assignment]
+        late = asyncio.create_task(resolver.resolve(late_ctx))
+        await asyncio.sleep(0)  # it has read the (empty) cache and is waiting on Redis
+        store.snapshot = real_snapshot  # type: ignore[method-assign]
+        await resolver.resolve(context(slot, 60))
+        first_done.set()
+        return await late, late_ctx
+
+    state, ctx = asyncio.run(run())
+    assert state.n == 800 and ctx.degraded is None
+    assert runtime.built == [800]  # one build, not two
+    assert (ctx.cache_result, ctx.state_source) == ("hit", "local")
+
+
 def test_a_short_tail_is_folded_from_the_snapshot_alone() -> None:
     resolver, slot, store, runtime, _ = ladder(300)
 
