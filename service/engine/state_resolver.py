@@ -25,6 +25,7 @@ import numpy as np
 from ifa_common.records import RECORD_SIZE, unpack
 from ifa_common.state import StateFormatError, UserState
 from service.engine.context import RankContext
+from service.engine.cooldown import Cooldown
 from service.engine.forgotten import Forgotten
 from service.engine.freshness import Freshness
 from service.engine.pool import InferencePool
@@ -32,7 +33,7 @@ from service.engine.slot import ModelSlot, Runtime
 from service.engine.state_cache import StateWriteBack
 from service.metrics import Metrics
 from service.settings import Settings
-from service.store.redis_store import Cooldown, SequenceStore, StoreUnavailable
+from service.store.redis_store import SequenceStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

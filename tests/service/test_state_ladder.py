@@ -17,6 +17,7 @@ from ifa_common.records import make_events, pack
 from ifa_common.state import UserState
 from service.engine.batcher import ScoreBatcher
 from service.engine.context import RankContext
+from service.engine.cooldown import Cooldown
 from service.engine.cost import CostModel, Warmup
 from service.engine.pool import InferencePool
 from service.engine.registry import ModelRegistry
@@ -25,7 +26,7 @@ from service.engine.state_cache import StateCache, StateWriteBack
 from service.engine.state_resolver import MIN_PARTIAL_EVENTS, StateResolver
 from service.metrics import Metrics
 from service.settings import Settings
-from service.store.redis_store import AppendResult, Cooldown, Snapshot, StoreUnavailable
+from service.store.redis_store import AppendResult, Snapshot, StoreUnavailable
 from service.usecases.rank import Overloaded, RankUseCase
 
 USER = "u1"
