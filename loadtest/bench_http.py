@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import statistics
 import time
 import urllib.request
@@ -323,14 +324,18 @@ def worker_runs(
 
 
 def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> dict[str, Any]:
-    import redis
+    from loadtest.seed import connect, env_cluster, seed_synthetic, seq_key
 
-    from loadtest.seed import seed_synthetic, seq_key
-
-    svc = LocalService(artifacts_dir=artifacts, log_path=out_dir / "bench-server.log")
-    result: dict[str, Any] = {"plan": asdict(plan)}
+    # IFA_REDIS_URL (and IFA_REDIS_CLUSTER) name a Redis or cluster to run against; unset,
+    # the bench starts a throwaway server of its own
+    external = os.environ.get("IFA_REDIS_URL") or None
+    cluster = external is not None and env_cluster()
+    svc = LocalService(
+        artifacts_dir=artifacts, redis_url=external, log_path=out_dir / "bench-server.log"
+    )
+    result: dict[str, Any] = {"plan": asdict(plan), "redis": "cluster" if cluster else "one"}
     try:
-        client = redis.Redis.from_url(svc.start_redis(), socket_timeout=60)
+        client = connect(svc.start_redis(), cluster=cluster)
         t0 = time.perf_counter()
         seed_synthetic(
             client,
@@ -425,7 +430,10 @@ def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> d
         def copy_user(i: int) -> None:
             if i > 0:
                 client.delete(seq_key(cold_users[i - 1]))
-            client.copy(src, seq_key(cold_users[i]))
+            if cluster:  # COPY stays within a slot; a cold user's key is in another
+                client.set(seq_key(cold_users[i]), client.get(src) or b"")
+            else:
+                client.copy(src, seq_key(cold_users[i]))
 
         cold_bodies = [rank_body(u, cands, budget_ms=60_000) for u in cold_users]
         cold = timed_requests(conn, "/rank", cold_bodies, copy_user)
@@ -463,10 +471,10 @@ def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> d
         )
         from loadtest.bench_variants import variants_bench
 
+        if not plan.variants:
+            return result
         try:
-            result["cluster"] = variants_bench(
-                plan, artifacts, svc.start_redis(), users, bodies, loader.tool, out_dir
-            )
+            result["cluster"] = variants_bench(plan, artifacts, users, bodies, loader.tool, out_dir)
         except Exception as e:  # a cluster that would not start must not lose the rest
             log.exception("cluster bench failed")
             result["cluster"] = {"error": f"{type(e).__name__}: {e}"}

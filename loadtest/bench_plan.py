@@ -33,6 +33,7 @@ class BenchPlan:
     # the interleaved variants (loadtest/bench_variants.py): a Redis Cluster beside one
     # Redis, the impression log off beside on
     cluster_concurrency: tuple[int, ...] = (1, 16)
+    variants: bool = True
 
     @classmethod
     def make(

@@ -26,6 +26,7 @@ from loadtest.bench_plan import BenchPlan
 from loadtest.redis_cluster import LocalRedisCluster
 from loadtest.seed import connect, seed_synthetic
 from loadtest.server import LocalService
+from service.store.embedded_redis import RedisServer, free_port
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +54,36 @@ def runs(plan: BenchPlan, variant: str) -> tuple[int, ...]:
 def variants_bench(
     plan: BenchPlan,
     artifacts: str,
-    redis_url: str,
     users: list[str],
     bodies: list[bytes | None],
     tool: str,
     out_dir: Path,
 ) -> dict[str, Any]:
+    """On a Redis and a cluster of their own (whatever the main run used), each seeded
+    with the main run's warm users."""
     with (
-        tempfile.TemporaryDirectory(prefix="ifa-bench-cluster-") as tmp,
-        LocalRedisCluster(Path(tmp)) as cluster,
+        tempfile.TemporaryDirectory(prefix="ifa-bench-variants-") as tmp,
+        LocalRedisCluster(Path(tmp) / "cluster") as cluster,
     ):
-        client = connect(cluster.url, cluster=True)
+        single = RedisServer(Path(tmp) / "redis", port=free_port(), persist=False).start()
+        try:
+            return _measure(plan, artifacts, single.url, cluster.url, users, bodies, tool, out_dir)
+        finally:
+            single.stop()
+
+
+def _measure(
+    plan: BenchPlan,
+    artifacts: str,
+    redis_url: str,
+    cluster_url: str,
+    users: list[str],
+    bodies: list[bytes | None],
+    tool: str,
+    out_dir: Path,
+) -> dict[str, Any]:
+    for url, is_cluster in ((redis_url, False), (cluster_url, True)):
+        client = connect(url, cluster=is_cluster)
         try:  # the main run's warm users, the same seed: the same histories
             seed_synthetic(
                 client,
@@ -76,43 +96,41 @@ def variants_bench(
             )
         finally:
             client.close()
-        urls = {"redis": redis_url, "cluster": cluster.url}
-        services: dict[str, LocalService] = {}
-        try:
-            for name, (backend, env, _) in VARIANTS.items():
-                env = dict(env)
-                if backend == "cluster":
-                    env["IFA_REDIS_CLUSTER"] = "true"
-                svc = LocalService(
-                    artifacts_dir=artifacts,
-                    redis_url=urls[backend],
-                    env=env,
-                    log_path=out_dir / f"bench-server-{name}.log",
-                )
-                services[name] = svc
-                svc.start_service()
-                conn = http.client.HTTPConnection(svc.host, svc.port, timeout=120)
-                for u in users:  # warm: the state built (or read) and cached
-                    post(conn, "/rank", rank_body(u, [1, 2, 3], budget_ms=60_000))
-                conn.close()
-            series: dict[str, list[dict[str, Any]]] = {}
-            for rep in range(plan.repeats):
-                for name, svc in services.items():
-                    for c in runs(plan, name):
-                        r = Loader(tool, svc).run("POST", "/rank", bodies, c, plan)
-                        series.setdefault(f"{name}_c{c}", []).append(r)
-                        log.info(
-                            "rep %d %-17s c=%-3d p50 %.2f ms  p99 %.2f ms  %.0f req/s",
-                            rep + 1,
-                            name,
-                            c,
-                            r["p50_ms"],
-                            r["p99_ms"],
-                            r["rps"],
-                        )
-        finally:
-            for svc in services.values():
-                svc.stop()
+    urls = {"redis": redis_url, "cluster": cluster_url}
+    services: dict[str, LocalService] = {}
+    try:
+        for name, (backend, env, _) in VARIANTS.items():
+            env = {**env, "IFA_REDIS_CLUSTER": "true" if backend == "cluster" else "false"}
+            svc = LocalService(
+                artifacts_dir=artifacts,
+                redis_url=urls[backend],
+                env=env,
+                log_path=out_dir / f"bench-server-{name}.log",
+            )
+            services[name] = svc
+            svc.start_service()
+            conn = http.client.HTTPConnection(svc.host, svc.port, timeout=120)
+            for u in users:  # warm: the state built (or read) and cached
+                post(conn, "/rank", rank_body(u, [1, 2, 3], budget_ms=60_000))
+            conn.close()
+        series: dict[str, list[dict[str, Any]]] = {}
+        for rep in range(plan.repeats):
+            for name, svc in services.items():
+                for c in runs(plan, name):
+                    r = Loader(tool, svc).run("POST", "/rank", bodies, c, plan)
+                    series.setdefault(f"{name}_c{c}", []).append(r)
+                    log.info(
+                        "rep %d %-17s c=%-3d p50 %.2f ms  p99 %.2f ms  %.0f req/s",
+                        rep + 1,
+                        name,
+                        c,
+                        r["p50_ms"],
+                        r["p99_ms"],
+                        r["rps"],
+                    )
+    finally:
+        for svc in services.values():
+            svc.stop()
     out: dict[str, Any] = {
         "topology": "3 primaries + 1 replica each, loopback",
         "runs": {k: median_summary(v) for k, v in series.items()},

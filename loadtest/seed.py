@@ -299,7 +299,8 @@ def _redis_url(args: argparse.Namespace) -> str:
     return url
 
 
-def _env_cluster() -> bool:
+def env_cluster() -> bool:
+    """IFA_REDIS_CLUSTER, as the service reads it."""
     return os.environ.get("IFA_REDIS_CLUSTER", "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -333,7 +334,7 @@ def main(args: argparse.Namespace) -> int:
     if via_http:
         result = write_via_http(via_http, users_iter, total_events=total, progress=progress)
     else:
-        cluster = bool(getattr(args, "cluster", False)) or _env_cluster()
+        cluster = bool(getattr(args, "cluster", False)) or env_cluster()
         client = connect(_redis_url(args), cluster)
         try:
             if reset:

@@ -141,6 +141,8 @@ class LocalService:
         settings = dict(TUNED_ENV)
         settings.update({k: v for k, v in os.environ.items() if k.startswith("IFA_")})
         settings.pop("IFA_ADMIN_TOKEN", None)  # never inherited; a caller may pass one
+        if self._redis is not None:  # its own throwaway server is one node, never a cluster
+            settings["IFA_REDIS_CLUSTER"] = "false"
         settings.update(self.extra_env)
         settings["IFA_REDIS_URL"] = redis_url
         if self.artifacts_dir is not None:

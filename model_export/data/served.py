@@ -200,13 +200,13 @@ def main(args: Any) -> int:
     """Handler of `ifa-rank logs export`."""
     import time
 
-    from loadtest.seed import connect
+    from loadtest.seed import connect, env_cluster
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     url = args.redis_url or os.environ.get("IFA_REDIS_URL")
     if not url:
         raise SystemExit("logs export: pass --redis-url or set IFA_REDIS_URL")
-    cluster = args.cluster or os.environ.get("IFA_REDIS_CLUSTER", "").lower() in ("1", "true")
+    cluster = args.cluster or env_cluster()
     shards = args.shards or int(os.environ.get("IFA_IMPRESSION_SHARDS", "1"))
     table: dict[int, int] | None = None
     if args.items:

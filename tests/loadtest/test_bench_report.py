@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from loadtest import bench, report
 from loadtest.bench_derive import derive
 from loadtest.bench_plan import BenchPlan
 from loadtest.run import gate
+from service.store.redis_store import seq_key
 
 MICRO = {
     "build_state_ms": {"1000": 0.2, "10000": 1.5, "100000": 15.0},
@@ -157,3 +159,44 @@ def test_tiny_end_to_end_bench_writes_the_contracted_report(
     assert "| strict | 1 |" in md and "cluster / one Redis (strict, c=1)" in md
     assert "impression log on / off (c=1)" in md
     assert (out / "bench_http_latency.png").stat().st_size > 0
+
+
+def test_the_bench_runs_against_an_external_cluster(
+    tiny_artifacts: Path, tmp_path: Path, redis_cluster_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IFA_REDIS_URL naming a cluster node and IFA_REDIS_CLUSTER=true: seeding, the service
+    and the cold copies go to that cluster (the contract outside checks use)."""
+    monkeypatch.setenv("IFA_REDIS_URL", redis_cluster_url)
+    monkeypatch.setenv("IFA_REDIS_CLUSTER", "true")
+    plan = BenchPlan(
+        quick=True,
+        repeats=1,
+        duration_s=0.3,
+        warmup_s=0.1,
+        n_events=2000,
+        m=20,
+        warm_users=2,
+        bodies_per_user=2,
+        cold_requests=2,
+        cold_warmup=1,
+        refresh_requests=1,
+        items=50,
+        concurrency=(1,),
+        healthz_concurrency=(1,),
+        worker_counts=(),
+        variants=False,
+    )
+    out = tmp_path / "reports"
+    bench.run_bench(
+        out,
+        quick=True,
+        client="pyclient",
+        artifacts=str(tiny_artifacts),
+        skip_micro=True,
+        plan=plan,
+    )
+    http = json.loads((out / "bench.json").read_text())["http"]
+    assert http["redis"] == "cluster" and http["settings_env"]["IFA_REDIS_CLUSTER"] == "true"
+    assert http["load"]["rank_warm_c1"]["errors"] == 0 and http["cold"]["errors"] == 0
+    with redis.RedisCluster.from_url(redis_cluster_url) as c:
+        assert c.strlen(seq_key("warm-0")) > 0  # seeded into the cluster
