@@ -55,6 +55,7 @@ from service.usecases.admin import AdminUseCase, control_channel
 from service.usecases.events import EventsUseCase
 from service.usecases.forget import FORGET_CHANNEL, Forgetter, ForgetUseCase
 from service.usecases.rank import RankUseCase
+from service.usecases.shadow import ShadowScorer
 
 log = logging.getLogger("service")
 
@@ -159,6 +160,25 @@ def push_listener(
     return InvalidationListener(one, prefix, on_keys, on_state, channels=control)
 
 
+async def start_rollout_from_settings(registry: ModelRegistry, settings: Settings) -> None:
+    """IFA_CANDIDATE_VERSION / IFA_SHADOW_VERSION: start with a rollout in place (a
+    restarted pod serves what the fleet serves). A failure keeps the stable version
+    serving alone, and says so in the log."""
+    if registry.slot is None or (
+        settings.candidate_version is None and settings.shadow_version is None
+    ):
+        return
+    try:
+        await registry.start_rollout(
+            settings.candidate_version,
+            settings.candidate_share,
+            settings.shadow_version,
+            settings.shadow_rate,
+        )
+    except Exception as e:
+        log.error("rollout from the settings not started: %s: %s", type(e).__name__, e)
+
+
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
 
@@ -224,6 +244,15 @@ def create_app(settings: Settings) -> FastAPI:
             )
             impressions.start()
         app.state.impressions = impressions
+        shadow = app.state.shadow = ShadowScorer(
+            registry,
+            states,
+            batcher,
+            metrics,
+            impressions,
+            budget_ms=settings.default_budget_ms,
+            max_inflight=settings.shadow_max_inflight,
+        )
         app.state.events = EventsUseCase(store, metrics, freshness, impressions)
         admin = app.state.admin = AdminUseCase(registry, store, settings.worker_group)
         forgetters: list[Forgetter] = [RedisForgetter(store)]
@@ -242,6 +271,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.push = push_listener(client, freshness, metrics, track, control)
         listener = asyncio.get_running_loop().create_task(app.state.push.run())
         await registry.load_at_start(settings.model_version)
+        await start_rollout_from_settings(registry, settings)
         if settings.gc_freeze:
             gc.collect()
             gc.freeze()
@@ -251,6 +281,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             app.state.shutting_down = True
             listener.cancel()
+            await shadow.close()
             await states.drain(DRAIN_TIMEOUT_S)
             await writeback.close(DRAIN_TIMEOUT_S)
             if impressions is not None:
@@ -276,6 +307,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.redis_mode = "not started"
     app.state.embedded_redis = None
     app.state.impressions = None  # the ImpressionLog when IFA_IMPRESSION_LOG
+    app.state.shadow = None  # the ShadowScorer (scores a rollout's shadow version)
     app.state.push = None  # the InvalidationListener (push mode's tracking, control channels)
     app.state.shutting_down = False
     install_error_handlers(app)
