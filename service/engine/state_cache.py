@@ -26,7 +26,11 @@ def state_bytes(state: UserState) -> int:
 
 
 class CacheBudget:
-    """States and bytes held by every cache that shares it (one per served version)."""
+    """States and bytes held by every cache that shares it (one per served version).
+
+    Over the budget, the largest cache gives up its least recently used state: a cache
+    never shrinks below an equal split because another grows, so a fresh candidate at 10 %
+    of the users warms up next to a stable version that filled the budget alone."""
 
     def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
         if capacity < 1:
@@ -35,6 +39,7 @@ class CacheBudget:
         self.max_bytes = max_bytes
         self.count = 0
         self.nbytes = 0
+        self.caches: list[StateCache] = []  # open ones (at most stable, candidate, shadow)
 
     def over(self) -> bool:
         return self.count > self.capacity or (
@@ -45,13 +50,13 @@ class CacheBudget:
 class StateCache:
     """At most `capacity` states and `max_bytes` bytes of them (a larger model's states
     are larger: the byte bound is what keeps the pod inside its memory limit). With a
-    shared `budget` the bounds hold for all the caches on it together: a put evicts from
-    its own LRU while the shared total is over (never its last state, the one just put)."""
+    shared `budget` the bounds hold for all the caches on it together (see CacheBudget)."""
 
     def __init__(
         self, capacity: int, max_bytes: int | None = None, budget: CacheBudget | None = None
     ) -> None:
         self.budget = budget if budget is not None else CacheBudget(capacity, max_bytes)
+        self.budget.caches.append(self)
         self.nbytes = 0  # this cache's own share of the budget
         self.closed = False
         self._lru: OrderedDict[str, UserState] = OrderedDict()
@@ -68,7 +73,10 @@ class StateCache:
     def close(self) -> None:
         """The slot is no longer served: give its share of the budget back. Requests still
         in flight on it keep working; what they would put is not kept."""
+        if self.closed:
+            return
         self.closed = True
+        self.budget.caches.remove(self)
         self.budget.count -= len(self._lru)
         self.budget.nbytes -= self.nbytes
         self._lru.clear()
@@ -103,9 +111,14 @@ class StateCache:
         budget.nbytes += size
         budget.count += 1
         self._lru.move_to_end(user)
-        while budget.over() and len(self._lru) > 1:
-            _, evicted = self._lru.popitem(last=False)
-            self._release(evicted)
+        while budget.over():
+            victim = self
+            if len(budget.caches) > 1:  # a rollout: the largest cache gives way
+                victim = max(budget.caches, key=lambda c: (c.nbytes, c is self))
+            if len(victim._lru) <= (1 if victim is self else 0):
+                break  # never the state just put
+            _, evicted = victim._lru.popitem(last=False)
+            victim._release(evicted)
 
     def _release(self, state: UserState) -> None:
         size = state_bytes(state)
