@@ -161,6 +161,14 @@ class ModelRegistry:
                     s.cache.close()
                 raise
             cand, shad = slots
+            # a name like `latest` is only known to be the stable version once loaded
+            loaded = [s.version for s in slots if s is not None]
+            if stable.version in loaded or len(set(loaded)) < len(loaded):
+                for s in fresh:
+                    s.cache.close()
+                raise ValueError(
+                    f"{'/'.join(loaded)}: the stable version or twice the same version"
+                )
             ro = Rollout(cand, share if cand is not None else 0.0, shad, shadow_rate)
             self._end_rollout(ro, keep=(cand, shad))
             log.info(

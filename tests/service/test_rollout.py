@@ -297,3 +297,27 @@ def test_one_cache_alone_keeps_its_count_bound() -> None:
     for i in range(5):
         cache.put(f"u{i}", _empty(1))
     assert len(cache) == 3 and cache.budget.count == 3 and "u4" in cache
+
+
+def test_a_rollout_from_the_settings_and_latest_is_the_stable_version(
+    redis_url: str, three_versions: Path
+) -> None:
+    settings = make_settings(
+        redis_url,
+        three_versions,
+        admin_token=TOKEN,
+        candidate_version="v2",
+        candidate_share=1.0,
+    )
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/rank", json={"user_id": user(), "candidates": [1, 2]})
+        assert r.status_code == 200 and r.json()["model_version"] == "v2"
+        roles = [(v["version"], v["role"]) for v in client.get("/v1/model").json()["versions"]]
+        assert roles == [("v1", "stable"), ("v2", "candidate")]
+        # `latest` names v1 here (the stable version): refused once it is loaded
+        r = client.post("/admin/rollout", json={"candidate": "latest", "share": 0.5}, headers=AUTH)
+        assert r.status_code == 422, r.text
+        assert registry_of(client).budget.caches == [
+            registry_of(client).current().cache,
+            registry_of(client).rollout.candidate.cache,  # type: ignore[union-attr]
+        ]
