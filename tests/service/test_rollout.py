@@ -4,6 +4,7 @@ under traffic with no failed request. Real Redis, real ONNX Runtime, the app's l
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import shutil
 import threading
@@ -16,7 +17,15 @@ import numpy as np
 import pytest
 from conftest import copy_version
 from fastapi.testclient import TestClient
-from svc_helpers import make_settings, metric_value, random_events, sync_redis, user, wait_until
+from svc_helpers import (
+    make_settings,
+    metric_value,
+    random_events,
+    registry_value,
+    sync_redis,
+    user,
+    wait_until,
+)
 
 from ifa_common.state import UserState
 from model_export.data.served import export_served
@@ -321,3 +330,63 @@ def test_a_rollout_from_the_settings_and_latest_is_the_stable_version(
             registry_of(client).current().cache,
             registry_of(client).rollout.candidate.cache,  # type: ignore[union-attr]
         ]
+
+
+def test_shadow_scoring_is_bounded_and_counts_what_it_skips(three_versions: Path) -> None:
+    from service.engine.cost import CostModel
+    from service.engine.registry import Rollout
+    from service.engine.slot import ModelSlot
+    from service.metrics import Metrics
+    from service.usecases.shadow import ShadowScorer
+
+    class Blocked:
+        """A state resolver that waits until released (a slow shadow)."""
+
+        def __init__(self) -> None:
+            self.release = asyncio.Event()
+
+        async def resolve(self, ctx: Any) -> UserState:
+            await self.release.wait()
+            return ctx.slot.runtime.empty_state()  # type: ignore[no-any-return]
+
+    class Inline:
+        async def score(
+            self, rt: Any, state: UserState, items: Any, cost: float, alone: bool
+        ) -> Any:
+            return rt.score(state, items)
+
+    class Registry:
+        rollout: Rollout | None = None
+
+    async def main() -> Metrics:
+        from service.engine.runtime import ModelRuntime
+
+        rt = ModelRuntime.load(three_versions, "v3")
+        shadow = ModelSlot(runtime=rt, cache=StateCache(10), cost=CostModel())
+        registry = Registry()
+        registry.rollout = Rollout(None, 0.0, shadow, 1.0)
+        metrics, states = Metrics(), Blocked()
+        scorer = ShadowScorer(
+            registry,  # type: ignore[arg-type]
+            states,  # type: ignore[arg-type]
+            Inline(),  # type: ignore[arg-type]
+            metrics,
+            None,
+            budget_ms=1000,
+            max_inflight=2,
+        )
+        for i in range(5):
+            scorer.offer(f"r{i}", "u", [1, 2, 3])
+        assert scorer.inflight == 2
+        states.release.set()
+        await asyncio.gather(*(asyncio.all_tasks() - {asyncio.current_task()}))
+        assert scorer.inflight == 0
+        registry.rollout = Rollout(None, 0.0, shadow, 0.0)  # rate 0: nothing sampled
+        scorer.offer("r9", "u", [1])
+        assert scorer.inflight == 0
+        await scorer.close()
+        return metrics
+
+    metrics = asyncio.run(main())
+    assert registry_value(metrics.registry, "ifa_shadow_requests_total", result="scored") == 2
+    assert registry_value(metrics.registry, "ifa_shadow_requests_total", result="skipped") == 3
