@@ -118,6 +118,7 @@ class ModelRegistry:
             if old is not None:
                 old.cache.close()
             self.load_error = None
+            self._without(slot.version)
             self._published()
             runtime = slot.runtime
             log.info(
@@ -201,6 +202,18 @@ class ModelRegistry:
             ro = self.rollout
             self._end_rollout(None)
             return ro
+
+    def _without(self, version: str) -> None:
+        """A reload to a version the rollout serves too: that part of the rollout ends
+        (one slot per version; the reloaded one now answers every user)."""
+        ro = self.rollout
+        if ro is None:
+            return
+        cand = ro.candidate if ro.candidate and ro.candidate.version != version else None
+        shad = ro.shadow if ro.shadow and ro.shadow.version != version else None
+        if (cand, shad) != (ro.candidate, ro.shadow):
+            left = Rollout(cand, ro.share if cand else 0.0, shad, ro.shadow_rate)
+            self._end_rollout(left if cand or shad else None, keep=(cand, shad))
 
     def _end_rollout(self, new: Rollout | None, keep: tuple[ModelSlot | None, ...] = ()) -> None:
         old, self.rollout = self.rollout, new

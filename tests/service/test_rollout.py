@@ -390,3 +390,19 @@ def test_shadow_scoring_is_bounded_and_counts_what_it_skips(three_versions: Path
     metrics = asyncio.run(main())
     assert registry_value(metrics.registry, "ifa_shadow_requests_total", result="scored") == 2
     assert registry_value(metrics.registry, "ifa_shadow_requests_total", result="skipped") == 3
+
+
+def test_a_reload_to_the_candidates_version_ends_that_part_of_the_rollout(
+    redis_url: str, three_versions: Path
+) -> None:
+    settings = make_settings(redis_url, three_versions, admin_token=TOKEN)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/admin/rollout", json={"candidate": "v2", "share": 0.5}, headers=AUTH)
+        assert r.status_code == 200
+        r = client.post("/admin/reload", json={"version": "v2"}, headers=AUTH)
+        assert r.status_code == 200
+        assert registry_of(client).rollout is None
+        roles = [(v["version"], v["role"]) for v in client.get("/v1/model").json()["versions"]]
+        assert roles == [("v2", "stable")]
+        assert len(registry_of(client).budget.caches) == 1
+        assert 'role="candidate"' not in client.get("/metrics").text
