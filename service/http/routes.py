@@ -284,18 +284,6 @@ ADMIN_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 }
 
 
-def _rollout_answer(admin: Any) -> dict[str, Any]:
-    reg = admin.registry
-    ro = reg.rollout
-    stable = reg.slot.version if reg.slot is not None else None
-    spec = (
-        rollout_spec(ro)
-        if ro is not None
-        else {"candidate": None, "share": 0.0, "shadow": None, "shadow_rate": 0.0}
-    )
-    return {"stable": stable, **spec}
-
-
 @router.post(
     "/admin/rollout",
     responses=ADMIN_ERRORS,
@@ -317,7 +305,7 @@ async def rollout(request: Request, _: AdminDep, admin: AdminUseCaseDep) -> Resp
         return error_response(404, str(e), "version: not found")
     except (ArtifactError, ValueError, OSError, RuntimeError) as e:
         return error_response(422, f"rollout refused: {e}", "version: not servable")
-    return JSONResponse(_rollout_answer(admin))
+    return JSONResponse(admin.rollout_status())
 
 
 @router.post(
@@ -330,7 +318,7 @@ async def promote(_: AdminDep, admin: AdminUseCaseDep) -> Response:
         previous = (await admin.promote())[1]
     except NoRollout as e:
         return error_response(409, str(e), "rollout: none")
-    return JSONResponse({**_rollout_answer(admin), "previous": previous})
+    return JSONResponse({**admin.rollout_status(), "previous": previous})
 
 
 @router.post(
@@ -341,7 +329,7 @@ async def promote(_: AdminDep, admin: AdminUseCaseDep) -> Response:
 async def drop(_: AdminDep, admin: AdminUseCaseDep) -> Response:
     ro = await admin.drop()
     return JSONResponse(
-        {**_rollout_answer(admin), "dropped": rollout_spec(ro) if ro is not None else None}
+        {**admin.rollout_status(), "dropped": rollout_spec(ro) if ro is not None else None}
     )
 
 

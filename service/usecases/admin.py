@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from typing import Any, Final
 
 from service.engine.registry import ModelRegistry, Rollout
 from service.engine.slot import ModelSlot
@@ -78,6 +78,12 @@ class AdminUseCase:
         await self._announce({"drop": True})
         return ro
 
+    def rollout_status(self) -> dict[str, Any]:
+        """The stable version and the rollout, as the admin API answers them."""
+        slot, ro = self.registry.slot, self.registry.rollout
+        spec = rollout_spec(ro) if ro is not None else rollout_spec(NO_ROLLOUT)
+        return {"stable": slot.version if slot is not None else None, **spec}
+
     async def _announce(self, message: dict[str, Any]) -> None:
         if self.group is None:
             return
@@ -139,6 +145,9 @@ class AdminUseCase:
             await change
         except Exception as e:  # the artifact was fine for the sibling: log loudly
             log.error("following a sibling's %s failed: %s", message, e)
+
+
+NO_ROLLOUT: Final = Rollout(None, 0.0, None, 0.0)
 
 
 def rollout_spec(ro: Rollout) -> dict[str, Any]:
