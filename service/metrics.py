@@ -6,8 +6,9 @@ exposes each series at 0 (alerts on `rate(...)` work from the first scrape).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,12 +34,28 @@ SEQUENCE_BUCKETS: Final = (0, 10, 100, 1_000, 10_000, 50_000, 100_000, 500_000, 
 OUTCOMES: Final = ("ok", "degraded", "rejected", "error")
 STAGES: Final = ("queue", "redis", "state", "score", "serialize")
 # counted by HTTP code (a path with a parameter under its template)
-API_ROUTES: Final = ("/rank", "/events", "/v1/model", "/admin/reload", "/users/{user_id}")
+API_ROUTES: Final = (
+    "/rank",
+    "/events",
+    "/v1/model",
+    "/admin/reload",
+    "/admin/rollout",
+    "/admin/rollout/promote",
+    "/admin/rollout/drop",
+    "/users/{user_id}",
+)
 CACHE_RESULTS: Final = ("hit", "refresh", "miss")
 DEGRADED_REASONS: Final = ("partial_state", "stale_state", "no_history", "overloaded")
 STATE_SOURCES: Final = ("local", "redis", "build")
 FORGET_SOURCES: Final = ("request", "broadcast")
 IMPRESSION_DROPS: Final = ("queue_full", "redis", "forgotten", "shutdown")
+ROLES: Final = ("stable", "candidate", "shadow")
+SHADOW_RESULTS: Final = ("scored", "skipped", "failed")
+# The `version` of a /rank that never reached a model (a 422, no model loaded).
+NO_VERSION: Final = "none"
+# Versions no longer served whose request series are kept (the dashboard compares them
+# across a swap); older ones are removed, so the label sets stay bounded over reloads.
+RETIRED_VERSIONS_KEPT: Final = 2
 
 CONTRACT_METRICS: Final = (
     "ifa_rank_request_duration_seconds",
@@ -61,9 +78,17 @@ class StageTimes(Protocol):
     serialize: float
 
 
+class ServedVersion(NamedTuple):
+    version: str
+    provider: str
+    role: str  # stable, candidate, shadow
+
+
 class RankRecord(Protocol):
     """What an answered /rank leaves to be recorded (the engine's RankContext)."""
 
+    @property
+    def version(self) -> str: ...
     @property
     def candidates(self) -> int: ...
     @property
@@ -89,15 +114,16 @@ class Metrics:
         self.request_duration = Histogram(
             "ifa_rank_request_duration_seconds",
             "POST /rank wall time, measured in ASGI middleware from the first byte in to the last "
-            "byte out; outcome rejected = 503, error = any other 4xx/5xx (499: the client went away)",
-            ["outcome"],
+            "byte out; outcome rejected = 503, error = any other 4xx/5xx (499: the client went away); "
+            "version: the model version that answered (none: no model reached)",
+            ["outcome", "version"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.stage_duration = Histogram(
             "ifa_rank_stage_duration_seconds",
-            "Time of one stage of a /rank request",
-            ["stage"],
+            "Time of one stage of a /rank request, by the model version that answered",
+            ["stage", "version"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -109,8 +135,8 @@ class Metrics:
         )
         self.degraded = Counter(
             "ifa_rank_degraded_total",
-            "Degraded /rank answers (and overload rejections) by reason",
-            ["reason"],
+            "Degraded /rank answers (and overload rejections) by reason and model version",
+            ["reason", "version"],
             registry=r,
         )
         self.candidates = Histogram(
@@ -138,9 +164,9 @@ class Metrics:
         )
         self.model_info = Gauge(
             "ifa_model_info",
-            "The model version being served (=1) and its execution provider; the old series is "
-            "removed on reload",
-            ["version", "provider"],
+            "The model versions being served (=1), their execution provider and role (stable, "
+            "candidate, shadow: docs/deploy.md); a version no longer served is removed",
+            ["version", "provider", "role"],
             registry=r,
             multiprocess_mode="livemax",  # several workers: 1 while any serves the version
         )
@@ -216,16 +242,19 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.shadow = Counter(
+            "ifa_shadow_requests_total",
+            "Requests sampled for the shadow version: scored (logged), skipped (too many "
+            "shadow scorings in flight already), failed",
+            ["result"],
+            registry=r,
+        )
+        for result in SHADOW_RESULTS:
+            self.shadow.labels(result)
         for reason in IMPRESSION_DROPS:
             self.impressions_dropped.labels(reason)
-        for o in OUTCOMES:
-            self.request_duration.labels(o)
-        for s in STAGES:
-            self.stage_duration.labels(s)
         for c in CACHE_RESULTS:
             self.state_cache.labels(c)
-        for reason in DEGRADED_REASONS:
-            self.degraded.labels(reason)
         for src in STATE_SOURCES:
             self.state_source.labels(src)
         for src in FORGET_SOURCES:
@@ -234,18 +263,50 @@ class Metrics:
         for route in API_ROUTES:
             # a first 500 must be an increase from 0, or increase()-based alerts miss it
             self.http_responses.labels(route, "500")
-        self._model_labels: tuple[str, str] | None = None
+        self._model_labels: set[ServedVersion] = set()
+        # version -> its stage children, in STAGES order (labels() per observation would
+        # cost the warm path a lookup under a lock each)
+        self._stages: dict[str, tuple[Histogram, ...]] = {}
+        self._outcomes: dict[tuple[str, str], Histogram] = {}
+        self._order: dict[str, None] = {}  # versions served, in the order they last were
+        self._versioned(NO_VERSION)
+
+    def _versioned(self, version: str) -> tuple[Histogram, ...]:
+        """Create every series of `version` (at 0, for rate() from the first scrape). The
+        label sets stay bounded: a process sees only the versions it is told to serve."""
+        stages = self._stages.get(version)
+        if stages is None:
+            stages = self._stages[version] = tuple(
+                self.stage_duration.labels(s, version) for s in STAGES
+            )
+            for o in OUTCOMES:
+                self._outcomes[o, version] = self.request_duration.labels(o, version)
+            for reason in DEGRADED_REASONS:
+                self.degraded.labels(reason, version)
+        return stages
+
+    def observe_request(self, outcome: str, version: str | None, seconds: float) -> None:
+        """ifa_rank_request_duration_seconds (the request middleware's)."""
+        child = self._outcomes.get((outcome, version or NO_VERSION))
+        if child is None:
+            self._versioned(version or NO_VERSION)
+            child = self._outcomes[outcome, version or NO_VERSION]
+        child.observe(seconds)
 
     def observe_rank(self, rec: RankRecord) -> None:
         """Everything an answered /rank records, in one call once it is serialised (its
         wall time and HTTP outcome are the request middleware's, which sees every route)."""
         tm = rec.timings
+        version = rec.version
+        queue, redis, state, score, serialize = self._stages.get(version) or self._versioned(
+            version
+        )
         self.candidates.observe(rec.candidates)
-        self.stage_duration.labels("queue").observe(tm.queue / 1e3)
-        self.stage_duration.labels("redis").observe(tm.redis / 1e3)
-        self.stage_duration.labels("state").observe(tm.state / 1e3)
-        self.stage_duration.labels("score").observe(tm.score / 1e3)
-        self.stage_duration.labels("serialize").observe(tm.serialize / 1e3)
+        queue.observe(tm.queue / 1e3)
+        redis.observe(tm.redis / 1e3)
+        state.observe(tm.state / 1e3)
+        score.observe(tm.score / 1e3)
+        serialize.observe(tm.serialize / 1e3)
         if rec.sequence_length is not None:
             self.sequence_length.observe(rec.sequence_length)
         if rec.cache_result is not None:
@@ -253,16 +314,46 @@ class Metrics:
         if rec.state_source is not None:
             self.state_source.labels(rec.state_source).inc()
         if rec.degraded is not None:
-            self.degraded.labels(rec.degraded).inc()
+            self.degraded.labels(rec.degraded, version).inc()
 
     def set_model(self, version: str, provider: str) -> None:
-        if self._model_labels is not None:
+        """One version serves, as the stable one."""
+        self.set_models([ServedVersion(version, provider, "stable")])
+
+    def set_models(self, served: list[ServedVersion]) -> None:
+        """ifa_model_info: exactly the versions served now, with their roles."""
+        for v in served:
+            self._versioned(v.version)
+        for gone in self._model_labels - set(served):
             if self.multiprocess:  # a removed series would live on in this worker's file
-                self.model_info.labels(*self._model_labels).set(0)
+                self.model_info.labels(*gone).set(0)
             else:
-                self.model_info.remove(*self._model_labels)
-        self._model_labels = (version, provider)
-        self.model_info.labels(version, provider).set(1)
+                self.model_info.remove(*gone)
+        self._model_labels = set(served)
+        for v in served:
+            self.model_info.labels(*v).set(1)
+        self._retire({v.version for v in served})
+
+    def _retire(self, serving: set[str]) -> None:
+        for v in serving:  # most recent last
+            self._order.pop(v, None)
+            self._order[v] = None
+        retired = [v for v in self._order if v not in serving]
+        for v in retired[: max(0, len(retired) - RETIRED_VERSIONS_KEPT)]:
+            del self._order[v]
+            self._stages.pop(v, None)
+            for o in OUTCOMES:
+                self._outcomes.pop((o, v), None)
+                self._remove(self.request_duration, o, v)
+            for s in STAGES:
+                self._remove(self.stage_duration, s, v)
+            for reason in DEGRADED_REASONS:
+                self._remove(self.degraded, reason, v)
+
+    @staticmethod
+    def _remove(metric: Histogram | Counter, *labels: str) -> None:
+        with contextlib.suppress(KeyError):  # never created under these labels
+            metric.remove(*labels)
 
     def render(self) -> tuple[bytes, str]:
         if not self.multiprocess:

@@ -129,6 +129,31 @@ class Settings(BaseSettings):
         min_length=1,
         description="version loaded at start (`latest` = the `latest` pointer file)",
     )
+    candidate_version: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="start with a rollout: this version answers IFA_CANDIDATE_SHARE of the users "
+        "(then `POST /admin/rollout/promote` or `/drop`; docs/deploy.md)",
+    )
+    candidate_share: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="share of users (stable hash) on the candidate"
+    )
+    shadow_version: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="start with a shadow version: scored on IFA_SHADOW_RATE of the answered "
+        "requests, its scores logged (needs IFA_IMPRESSION_LOG), never returned",
+    )
+    shadow_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="share of requests scored by the shadow version"
+    )
+    shadow_max_inflight: int = Field(
+        default=4,
+        ge=1,
+        le=1024,
+        description="shadow scorings running at once per worker; a sampled request past it is "
+        'skipped (`ifa_shadow_requests_total{result="skipped"}`)',
+    )
     prefer_cuda: bool = Field(
         default=True, description="use the CUDA provider when it loads, else CPU"
     )
@@ -262,7 +287,9 @@ class Settings(BaseSettings):
         default="info", description="`critical`, `error`, `warning`, `info`, `debug`"
     )
 
-    @field_validator("redis_url", "admin_token", mode="before")
+    @field_validator(
+        "redis_url", "admin_token", "candidate_version", "shadow_version", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:
         # `IFA_REDIS_URL=` (empty) in a compose file means "not configured".

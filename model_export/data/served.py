@@ -71,6 +71,7 @@ class ExportResult:
 class _Entries:
     impressions: list[tuple[str, bytes, dict[bytes, bytes]]] = field(default_factory=list)
     clicks: list[tuple[str, bytes, dict[bytes, bytes]]] = field(default_factory=list)
+    skipped: list[tuple[str, bytes, dict[bytes, bytes]]] = field(default_factory=list)
 
 
 def _read_group(client: Any, key: str) -> Iterator[tuple[bytes, dict[bytes, bytes]]]:
@@ -116,8 +117,12 @@ def export_served(
         key = stream_key(shard)
         for entry_id, fields in _read_group(client, key):
             kind = fields.get(b"type")
-            target = entries.impressions if kind == b"imp" else entries.clicks
-            target.append((key, entry_id, fields))
+            if kind == b"imp":
+                entries.impressions.append((key, entry_id, fields))
+            elif kind == b"click":
+                entries.clicks.append((key, entry_id, fields))
+            else:  # a rollout's shadow scores (never served): not training data
+                entries.skipped.append((key, entry_id, fields))
 
     result = ExportResult()
     horizon_ms = (now_s - window_s) * 1000.0
@@ -185,7 +190,7 @@ def export_served(
     # label anything still to come (younger ones stay pending for the next run).
     old_click_ms = (now_s - 2 * window_s) * 1000.0
     done: dict[str, list[bytes]] = defaultdict(list)
-    for key, entry_id, _ in ready:
+    for key, entry_id, _ in ready + entries.skipped:
         done[key].append(entry_id)
     for key, entry_id, f in entries.clicks:
         if int(f[b"ts"]) * 1000 <= old_click_ms:

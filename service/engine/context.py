@@ -43,5 +43,9 @@ class RankContext:
     state_source: str | None = None  # local, redis, build
     forget_mark: int = 0  # Forgotten.mark() as the state lookup began (set by the resolver)
 
+    @property
+    def version(self) -> str:
+        return self.slot.runtime.version
+
     def remaining_ms(self) -> float:
         return (self.deadline - time.perf_counter()) * 1e3

@@ -2,7 +2,9 @@
 
 All of it runs on the event loop thread (no locks): the cache is only touched between
 awaits. One `StateCache` belongs to one model version; a reload starts a new, empty one,
-so a state is never applied to a model it was not built with.
+so a state is never applied to a model it was not built with. The caches of the versions
+served at once (stable, candidate, shadow) share one `CacheBudget`: the pod's memory
+bound does not grow with a rollout.
 """
 
 from __future__ import annotations
@@ -23,18 +25,62 @@ def state_bytes(state: UserState) -> int:
     return int(state.S.nbytes + state.z.nbytes + state.m.nbytes) + 64
 
 
-class StateCache:
-    """At most `capacity` states and `max_bytes` bytes of them (a larger model's states
-    are larger: the byte bound is what keeps the pod inside its memory limit)."""
+class CacheBudget:
+    """States and bytes held by every cache that shares it (one per served version).
+
+    Over the budget, the largest cache gives up its least recently used state: a cache
+    never shrinks below an equal split because another grows, so a fresh candidate at 10 %
+    of the users warms up next to a stable version that filled the budget alone."""
 
     def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
         self.max_bytes = max_bytes
+        self.count = 0
         self.nbytes = 0
+        self.caches: list[StateCache] = []  # open ones (at most stable, candidate, shadow)
+
+    def over(self) -> bool:
+        return self.count > self.capacity or (
+            self.max_bytes is not None and self.nbytes > self.max_bytes
+        )
+
+
+class StateCache:
+    """At most `capacity` states and `max_bytes` bytes of them (a larger model's states
+    are larger: the byte bound is what keeps the pod inside its memory limit). With a
+    shared `budget` the bounds hold for all the caches on it together (see CacheBudget)."""
+
+    def __init__(
+        self, capacity: int, max_bytes: int | None = None, budget: CacheBudget | None = None
+    ) -> None:
+        self.budget = budget if budget is not None else CacheBudget(capacity, max_bytes)
+        self.budget.caches.append(self)
+        self.nbytes = 0  # this cache's own share of the budget
+        self.closed = False
         self._lru: OrderedDict[str, UserState] = OrderedDict()
         self._flights: dict[str, asyncio.Task[UserState]] = {}
+
+    @property
+    def capacity(self) -> int:
+        return self.budget.capacity
+
+    @property
+    def max_bytes(self) -> int | None:
+        return self.budget.max_bytes
+
+    def close(self) -> None:
+        """The slot is no longer served: give its share of the budget back. Requests still
+        in flight on it keep working; what they would put is not kept."""
+        if self.closed:
+            return
+        self.closed = True
+        self.budget.caches.remove(self)
+        self.budget.count -= len(self._lru)
+        self.budget.nbytes -= self.nbytes
+        self._lru.clear()
+        self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -50,25 +96,40 @@ class StateCache:
 
     def put(self, user: str, state: UserState) -> None:
         """Keep the state covering more events: an older, slower build never wins."""
+        if self.closed:
+            return
         old = self._lru.get(user)
         if old is not None and old.n > state.n:
             self._lru.move_to_end(user)
             return
+        budget = self.budget
         if old is not None:
-            self.nbytes -= state_bytes(old)
+            self._release(old)
         self._lru[user] = state
-        self.nbytes += state_bytes(state)
+        size = state_bytes(state)
+        self.nbytes += size
+        budget.nbytes += size
+        budget.count += 1
         self._lru.move_to_end(user)
-        while len(self._lru) > self.capacity or (
-            self.max_bytes is not None and self.nbytes > self.max_bytes and len(self._lru) > 1
-        ):
-            _, evicted = self._lru.popitem(last=False)
-            self.nbytes -= state_bytes(evicted)
+        while budget.over():
+            victim = self
+            if len(budget.caches) > 1:  # a rollout: the largest cache gives way
+                victim = max(budget.caches, key=lambda c: (c.nbytes, c is self))
+            if len(victim._lru) <= (1 if victim is self else 0):
+                break  # never the state just put
+            _, evicted = victim._lru.popitem(last=False)
+            victim._release(evicted)
+
+    def _release(self, state: UserState) -> None:
+        size = state_bytes(state)
+        self.nbytes -= size
+        self.budget.nbytes -= size
+        self.budget.count -= 1
 
     def discard(self, user: str) -> bool:
         old = self._lru.pop(user, None)
         if old is not None:
-            self.nbytes -= state_bytes(old)
+            self._release(old)
         return old is not None
 
     def forget(self, user: str) -> bool:

@@ -252,4 +252,5 @@ class RequestMetricsMiddleware:
                     outcome = "rejected"
                 else:
                     outcome = "error"
-                self.metrics.request_duration.labels(outcome).observe(time.perf_counter() - t0)
+                version = (scope.get("state") or {}).get("model_version")
+                self.metrics.observe_request(outcome, version, time.perf_counter() - t0)

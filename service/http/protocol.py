@@ -192,6 +192,39 @@ class ReloadRequest(BaseModel):
     )
 
 
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class RolloutRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"candidate": "v2", "share": 0.1, "shadow": None, "shadow_rate": 0.0}]
+        },
+    )
+
+    candidate: str | None = Field(
+        default=None,
+        pattern=VERSION_PATTERN,
+        description="version answering `share` of the users (by a stable hash of the user id)",
+    )
+    share: float = Field(default=0.0, ge=0.0, le=1.0, description="of users, 0..1")
+    shadow: str | None = Field(
+        default=None,
+        pattern=VERSION_PATTERN,
+        description="version scored on `shadow_rate` of answered requests, logged, never returned",
+    )
+    shadow_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="of requests, 0..1")
+
+
+class ServedVersionInfo(BaseModel):
+    version: str
+    role: str = Field(description="stable, candidate or shadow")
+    share: float = Field(description="of users (stable, candidate) or of requests (shadow)")
+    provider: str
+    loaded_at: float
+
+
 class ForgetResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -233,6 +266,9 @@ class ModelInfo(BaseModel):
     dims: dict[str, int]
     manifest: dict[str, Any]
     loaded_at: float
+    versions: list[ServedVersionInfo] = Field(
+        description="every version served now with its role (the top level is the stable one)"
+    )
 
 
 def rank_answer(result: RankResult) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from starlette.responses import PlainTextResponse, Response
 
 from ifa_common.manifest import ArtifactError, ArtifactMissing
-from service.engine.registry import ModelNotReady
+from service.engine.registry import ModelNotReady, NoRollout
 from service.http.deps import (
     AdminDep,
     AdminUseCaseDep,
@@ -39,10 +39,12 @@ from service.http.protocol import (
     RankRequest,
     RankResponse,
     ReloadRequest,
+    RolloutRequest,
     rank_answer,
 )
 from service.settings import Settings
 from service.store.redis_store import IdempotencyConflict, StoreUnavailable
+from service.usecases.admin import rollout_spec
 from service.usecases.rank import Overloaded
 
 ERRORS: Final[dict[int | str, dict[str, Any]]] = {
@@ -114,7 +116,10 @@ async def rank(request: Request) -> Response:
             body.request_id,
             arrived=request.scope.get("state", {}).get(ARRIVED),
         )
-    except (Overloaded, ModelNotReady) as e:
+    except Overloaded as e:
+        request.state.model_version = e.version
+        return _unavailable(str(e), e.retry_after_s)
+    except ModelNotReady as e:
         return _unavailable(str(e), e.retry_after_s)
     t = time.perf_counter()
     payload = orjson.dumps(rank_answer(result))
@@ -130,6 +135,9 @@ async def rank(request: Request) -> Response:
             result.score_array,
         )
     request.state.degraded = result.degraded
+    request.state.model_version = result.model_version
+    if use_case.registry.rollout is not None:  # no rollout: one attribute check
+        state.shadow.offer(result.request_id, result.user_id, body.candidates)
     return json_bytes(payload)
 
 
@@ -209,6 +217,16 @@ async def model_info(admin: AdminUseCaseDep) -> Response:
         slot = admin.model()
     except ModelNotReady as e:
         return _unavailable(str(e), e.retry_after_s)
+    versions = [
+        {
+            "version": s.version,
+            "role": role,
+            "share": share,
+            "provider": s.runtime.provider,
+            "loaded_at": s.loaded_at,
+        }
+        for role, s, share in admin.registry.served()
+    ]
     rt = slot.runtime
     manifest = rt.manifest
     h, f, d = rt.dims
@@ -225,6 +243,7 @@ async def model_info(admin: AdminUseCaseDep) -> Response:
             "dims": {"heads": h, "d_phi": f, "d_head": d},
             "manifest": summary,
             "loaded_at": slot.loaded_at,
+            "versions": versions,
         }
     )
 
@@ -253,6 +272,64 @@ async def reload(request: Request, _: AdminDep, admin: AdminUseCaseDep) -> Respo
         return error_response(422, f"artifact cannot be served: {e}", "version: not servable")
     return JSONResponse(
         {"version": slot.version, "previous": previous, "provider": slot.runtime.provider}
+    )
+
+
+ADMIN_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    401: {"model": ErrorBody},
+    404: {"model": ErrorBody, "description": "no admin token configured, or no such version"},
+    409: {"model": ErrorBody, "description": "no rollout to promote"},
+    422: {"model": ErrorBody, "description": "invalid body, or an artifact fails verification"},
+    503: {"model": ErrorBody, "description": "no model loaded yet"},
+}
+
+
+@router.post(
+    "/admin/rollout",
+    responses=ADMIN_ERRORS,
+    summary="Start (or change) a rollout: a candidate version for a share of users, a "
+    "shadow version scored on a sample of requests",
+    openapi_extra=body_doc(RolloutRequest),
+)
+async def rollout(request: Request, _: AdminDep, admin: AdminUseCaseDep) -> Response:
+    body = parse_body(RolloutRequest, await request.body())
+    if body.shadow is not None and request.app.state.impressions is None:
+        raise validation_error(
+            "shadow", "a shadow's scores go to the impression log: set IFA_IMPRESSION_LOG=true"
+        )
+    try:
+        await admin.rollout(body.candidate, body.share, body.shadow, body.shadow_rate)
+    except ModelNotReady as e:
+        return _unavailable(str(e), e.retry_after_s)
+    except ArtifactMissing as e:
+        return error_response(404, str(e), "version: not found")
+    except (ArtifactError, ValueError, OSError, RuntimeError) as e:
+        return error_response(422, f"rollout refused: {e}", "version: not servable")
+    return JSONResponse(admin.rollout_status())
+
+
+@router.post(
+    "/admin/rollout/promote",
+    responses=ADMIN_ERRORS,
+    summary="Make the candidate the stable version (its warm cache and all); ends the rollout",
+)
+async def promote(_: AdminDep, admin: AdminUseCaseDep) -> Response:
+    try:
+        previous = (await admin.promote())[1]
+    except NoRollout as e:
+        return error_response(409, str(e), "rollout: none")
+    return JSONResponse({**admin.rollout_status(), "previous": previous})
+
+
+@router.post(
+    "/admin/rollout/drop",
+    responses=ADMIN_ERRORS,
+    summary="End the rollout: the stable version answers every user again",
+)
+async def drop(_: AdminDep, admin: AdminUseCaseDep) -> Response:
+    ro = await admin.drop()
+    return JSONResponse(
+        {**admin.rollout_status(), "dropped": rollout_spec(ro) if ro is not None else None}
     )
 
 

@@ -6,6 +6,8 @@ Redis Streams, off the request path.
     impression  rid, uid, ts (ms), v (model version), deg (degraded reason or ""),
                 items (int64 little-endian, best first: an item's rank is its index),
                 scores (float32 little-endian, the same order)
+    shadow      the same fields: the rollout's shadow version's scores of the same
+                request (never returned to the client; `ifa-rank logs export` skips them)
     click       rid, uid, item, ts (unix s), action
 
 A user's records go to one shard (a stable hash of the user id), so a user's impressions
@@ -64,6 +66,7 @@ class Impression:
     degraded: str | None
     items: bytes  # int64 little-endian, best first
     scores: bytes  # float32 little-endian, the same order
+    kind: str = "imp"  # "shadow": scored by the shadow version, not answered
 
     @classmethod
     def of(
@@ -75,16 +78,17 @@ class Impression:
         degraded: str | None,
         item_ids: Sequence[int] | np.ndarray,
         scores: Sequence[float] | np.ndarray,
+        kind: str = "imp",
     ) -> Impression:
         # encoded as the request queues it: from the answer's arrays a microsecond, and
         # the writer then only frames them
         items = np.asarray(item_ids).astype("<i8", copy=False).tobytes()
         weights = np.asarray(scores).astype("<f4", copy=False).tobytes()
-        return cls(request_id, user_id, ts_ms, model_version, degraded, items, weights)
+        return cls(request_id, user_id, ts_ms, model_version, degraded, items, weights, kind)
 
     def fields(self) -> dict[str, bytes | str | int]:
         return {
-            "type": "imp",
+            "type": self.kind,
             "rid": self.request_id,
             "uid": self.user_id,
             "ts": self.ts_ms,
@@ -165,6 +169,23 @@ class ImpressionLog:
             request_id, user_id, ts_ms, model_version, degraded, item_ids, scores
         )
         self._put(record)
+
+    def offer_shadow(
+        self,
+        request_id: str,
+        user_id: str,
+        model_version: str,
+        degraded: str | None,
+        item_ids: np.ndarray,
+        scores: np.ndarray,
+    ) -> None:
+        """A shadow version's scores: not sampled again (the shadow rate sampled them)."""
+        ts_ms = int(time.time() * 1000)
+        self._put(
+            Impression.of(
+                request_id, user_id, ts_ms, model_version, degraded, item_ids, scores, "shadow"
+            )
+        )
 
     def offer_click(self, click: Click) -> None:
         self._put(click)  # never sampled out: a click of a sampled-out request joins nothing

@@ -102,8 +102,8 @@ class ForgetUseCase:
         self.writeback.discard(user)
         # Only the serving slot is reachable: an older one lives on only in the requests
         # that took it, and whatever they cache or write is refused by `forgotten`.
-        slot = self.registry.slot
-        return int(slot.cache.forget(user)) if slot is not None else 0
+        # every version served (a rollout's candidate and shadow hold states too)
+        return sum(int(s.cache.forget(user)) for _, s, _ in self.registry.served())
 
     def on_broadcast(self, payload: bytes) -> None:
         """Another replica forgot a user."""

@@ -40,6 +40,10 @@ class Overloaded(RuntimeError):
 
     retry_after_s = RETRY_AFTER_S
 
+    def __init__(self, message: str, version: str | None = None) -> None:
+        super().__init__(message)
+        self.version = version  # of the slot the request would have used
+
 
 @dataclass(slots=True)
 class RankResult:
@@ -89,7 +93,7 @@ class RankUseCase:
         runs from there."""
         now = time.perf_counter()
         t0 = now if arrived is None else min(arrived, now)
-        slot = self.registry.current()
+        slot = self.registry.for_user(user_id)
         budget = float(budget_ms or self.settings.default_budget_ms)
         deadline = t0 + budget / 1000.0
         queued_ms = (now - t0) * 1e3
@@ -99,10 +103,11 @@ class RankUseCase:
             and wait_ms + slot.cost.score_ms(len(candidates)) > budget
         )
         if self.inflight >= self.settings.max_inflight or late:
-            self.metrics.degraded.labels("overloaded").inc()
+            self.metrics.degraded.labels("overloaded", slot.version).inc()
             raise Overloaded(
                 f"overloaded: {wait_ms:.0f} ms waited or queued against a budget of "
-                f"{budget:.0f} ms; retry later"
+                f"{budget:.0f} ms; retry later",
+                slot.version,
             )
         self.inflight += 1
         self.metrics.inflight.inc()
@@ -149,12 +154,12 @@ class RankUseCase:
         cost_ms = slot.cost.score_ms(items.shape[0])
         alone = self.inflight <= 1
         logits = await self.batcher.score(slot.runtime, state, items, cost_ms, alone)
-        out = _order(logits, k)
+        out = order_scores(logits, k)
         tm.score += (time.perf_counter() - t) * 1e3
         return out
 
 
-def _order(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def order_scores(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities (sigmoid of the logits), best first, ties in request order; top k."""
     x = np.asarray(logits, dtype=np.float64)
     probs = 0.5 * (1.0 + np.tanh(0.5 * x))  # sigmoid without overflow

@@ -27,13 +27,14 @@ CONTRACT: dict[str, str] = {
 }
 # Labels the contract gives each metric (besides job/instance added by Prometheus).
 CONTRACT_LABELS: dict[str, set[str]] = {
-    "ifa_rank_request_duration_seconds": {"outcome", "le"},
-    "ifa_rank_stage_duration_seconds": {"stage", "le"},
+    # `version` (and ifa_model_info's `role`): safe rollouts compare versions (docs/deploy.md)
+    "ifa_rank_request_duration_seconds": {"outcome", "version", "le"},
+    "ifa_rank_stage_duration_seconds": {"stage", "version", "le"},
     "ifa_state_cache_total": {"result"},
-    "ifa_rank_degraded_total": {"reason"},
+    "ifa_rank_degraded_total": {"reason", "version"},
     "ifa_rank_candidates": {"le"},
     "ifa_sequence_length": {"le"},
-    "ifa_model_info": {"version", "provider"},
+    "ifa_model_info": {"version", "provider", "role"},
 }
 LABEL_VALUES = {
     "outcome": {"ok", "degraded", "rejected", "error"},

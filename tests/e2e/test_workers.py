@@ -91,7 +91,7 @@ def test_two_workers_share_redis_metrics_and_reloads(
         assert status == 200, payload
         wait_until(lambda: versions(port, 32) == {"v2"}, timeout_s=60)
         _, text = request(port, "GET", "/metrics")
-        assert 'ifa_model_info{provider="cpu",version="v2"} 1.0' in text.decode()
+        assert 'ifa_model_info{provider="cpu",role="stable",version="v2"} 1.0' in text.decode()
         assert (tmp_path / "redis").is_dir()  # the parent's embedded Redis
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import redis
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from ifa_common.records import make_events, pack
@@ -110,12 +111,25 @@ def wait_until(
 
 
 def metric_value(client: TestClient, name: str, **labels: str) -> float:
-    """The value of one sample of the app's /metrics (0 when absent)."""
+    """The sum of the samples of the app's /metrics that carry `labels` (0 when none):
+    the value of one sample when `labels` name it whole, else the sum over the labels left
+    out (e.g. `version`)."""
+    total = 0.0
     for family in text_string_to_metric_families(client.get("/metrics").text):
         for s in family.samples:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return 0.0
+                total += float(s.value)
+    return total
+
+
+def registry_value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """As `metric_value`, from a registry."""
+    return sum(
+        float(s.value)
+        for family in registry.collect()
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 @contextmanager

@@ -11,6 +11,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from starlette.responses import Response
+from svc_helpers import registry_value
 
 from service.engine.pool import InferencePool
 from service.http.middleware import (
@@ -43,7 +44,7 @@ def bare_app(metrics: Metrics, limit: int = 64) -> FastAPI:
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
+    return registry_value(metrics.registry, name, **labels)
 
 
 def test_body_limit_by_content_length_and_while_streaming() -> None:

@@ -64,9 +64,9 @@ def test_metrics_expose_the_contract(redis_url: str, tiny_artifacts: Path) -> No
         text = client.get("/metrics").text
         for name in CONTRACT_METRICS:
             assert name in text, name
-        assert 'ifa_model_info{provider="cpu",version="v1"} 1.0' in text
+        assert 'ifa_model_info{provider="cpu",role="stable",version="v1"} 1.0' in text
         for reason in ("partial_state", "stale_state", "no_history"):
-            assert f'ifa_rank_degraded_total{{reason="{reason}"}}' in text
+            assert f'ifa_rank_degraded_total{{reason="{reason}",version="v1"}}' in text
         for stage in ("redis", "state", "score", "serialize"):
             assert metric_value(client, "ifa_rank_stage_duration_seconds_count", stage=stage) == 3
         assert metric_value(client, "ifa_rank_request_duration_seconds_count", outcome="ok") == 3
@@ -186,8 +186,15 @@ def test_reload_under_load_loses_no_request_and_drops_old_states(
             t.join()
         misses_v2 = metric_value(client, "ifa_state_cache_total", result="miss")
         assert client.get("/v1/model").json()["version"] == "v2"
-        assert 'ifa_model_info{provider="cpu",version="v2"} 1.0' in client.get("/metrics").text
-        assert 'version="v1"' not in client.get("/metrics").text
+        assert (
+            'ifa_model_info{provider="cpu",role="stable",version="v2"} 1.0'
+            in client.get("/metrics").text
+        )
+        # the old version's ifa_model_info series is gone (its request histograms stay a
+        # while: the dashboard compares the versions across the swap)
+        assert 'ifa_model_info{provider="cpu",role="stable",version="v1"}' not in (
+            client.get("/metrics").text
+        )
     assert all(code == 200 for code, _ in results), {c for c, _ in results}
     versions = [v for _, v in results]
     assert set(versions) == {"v1", "v2"}

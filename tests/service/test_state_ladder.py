@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from svc_helpers import registry_value
 
 from ifa_common.records import make_events, pack
 from ifa_common.state import UserState
@@ -149,8 +150,7 @@ def context(slot: ModelSlot, budget_s: float) -> RankContext:
 
 
 def counter(metrics: Metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
+    return registry_value(metrics.registry, name, **labels)
 
 
 def test_cold_user_with_time_to_spare_gets_the_whole_history() -> None:
