@@ -6,21 +6,16 @@ the admin calls run (no answer but 200)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from e2e.test_workers import request
-from e2e.uvicorn_proc import ROOT, TOKEN, start_service
+from e2e.serve_proc import ServeWorkers, request, versions
+from e2e.uvicorn_proc import start_service
 from svc_helpers import user, wait_until
 
 from service.engine.registry import share_of
-from service.store.embedded_redis import RedisServer, free_port
+from service.store.embedded_redis import RedisServer
 
 # two users on either side of a 50 % share (share_of is a stable hash)
 CANDIDATE_USER = next(f"r-{i}" for i in range(1000) if share_of(f"r-{i}") < 0.5)
@@ -31,47 +26,11 @@ def answered_past(codes: list[tuple[int, str]], n: int) -> bool:
     return len(codes) >= n
 
 
-def versions(port: int, user_id: str, n: int = 32) -> set[str]:
-    """The model versions of n /rank answers for `user_id` on fresh connections (the
-    kernel hands them to either worker)."""
-    body: dict[str, object] = {"user_id": user_id, "candidates": [1, 2, 3]}
-    with ThreadPoolExecutor(8) as ex:
-        out = list(ex.map(lambda _: request(port, "POST", "/rank", body), range(n)))
-    assert all(status == 200 for status, _ in out), out[:3]
-    return {json.loads(payload)["model_version"] for _, payload in out}
-
-
 def test_two_workers_follow_a_rollout_its_promote_and_drop(
     tiny_artifacts_two_versions: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    metrics_dir = tmp_path / "metrics"
-    metrics_dir.mkdir()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "IFA_ARTIFACTS_DIR": str(tiny_artifacts_two_versions),
-        "IFA_MODEL_VERSION": "v1",
-        "IFA_WARMUP_CANDIDATES": "1,16",
-        "IFA_DEFAULT_BUDGET_MS": "10000",
-        "IFA_ADMIN_TOKEN": TOKEN,
-        "IFA_EMBEDDED_REDIS_DIR": str(tmp_path / "redis"),
-        "IFA_DRAIN_S": "0",
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-    }
-    env.pop("IFA_REDIS_URL", None)
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ifa_rank.cli", "serve", "--port", str(port), "--workers", "2"],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_until(
-            lambda: request(port, "GET", "/readyz")[0] == 200, timeout_s=120, tolerate=(OSError,)
-        )
+    with ServeWorkers(tiny_artifacts_two_versions, tmp_path) as serve:
+        port = serve.port
         wait_until(lambda: versions(port, CANDIDATE_USER) == {"v1"}, timeout_s=60)
         spec = {"candidate": "v2", "share": 0.5}
         status, payload = request(port, "POST", "/admin/rollout", spec)
@@ -108,12 +67,8 @@ def test_two_workers_follow_a_rollout_its_promote_and_drop(
         status, _ = request(port, "POST", "/admin/rollout/drop")
         assert status == 200
         wait_until(lambda: versions(port, STABLE_USER) == {"v2"}, timeout_s=60)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
-        log.close()
-    output = (tmp_path / "serve.log").read_text()
-    assert code in (0, -signal.SIGTERM), output[-3000:]
+    output = serve.output()
+    assert serve.clean_exit(), output[-3000:]
     assert "following a sibling" not in output, output[-3000:]
 
 
