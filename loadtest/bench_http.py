@@ -323,6 +323,22 @@ def worker_runs(
     return out
 
 
+def seed_warm_users(client: Any, plan: BenchPlan) -> None:
+    """The warm users `warm-0..` (fixed seed: every run and variant has the same
+    histories)."""
+    from loadtest.seed import seed_synthetic
+
+    seed_synthetic(
+        client,
+        plan.warm_users,
+        plan.n_events,
+        items=plan.items,
+        prefix="warm",
+        seed=11,
+        progress=False,
+    )
+
+
 def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> dict[str, Any]:
     from loadtest.seed import connect, env_cluster, seed_synthetic, seq_key
 
@@ -337,15 +353,7 @@ def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> d
     try:
         client = connect(svc.start_redis(), cluster=cluster)
         t0 = time.perf_counter()
-        seed_synthetic(
-            client,
-            plan.warm_users,
-            plan.n_events,
-            items=plan.items,
-            prefix="warm",
-            seed=11,
-            progress=False,
-        )
+        seed_warm_users(client, plan)
         seed_synthetic(
             client, 1, plan.n_events, items=plan.items, prefix="coldsrc", seed=12, progress=False
         )

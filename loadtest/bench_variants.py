@@ -21,10 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench_http import Loader, median_summary, post, rank_body
+from loadtest.bench_http import Loader, median_summary, post, rank_body, seed_warm_users
 from loadtest.bench_plan import BenchPlan
 from loadtest.redis_cluster import LocalRedisCluster
-from loadtest.seed import connect, seed_synthetic
+from loadtest.seed import connect
 from loadtest.server import LocalService
 from service.store.embedded_redis import RedisServer, free_port
 
@@ -84,16 +84,8 @@ def _measure(
 ) -> dict[str, Any]:
     for url, is_cluster in ((redis_url, False), (cluster_url, True)):
         client = connect(url, cluster=is_cluster)
-        try:  # the main run's warm users, the same seed: the same histories
-            seed_synthetic(
-                client,
-                plan.warm_users,
-                plan.n_events,
-                items=plan.items,
-                prefix="warm",
-                seed=11,
-                progress=False,
-            )
+        try:
+            seed_warm_users(client, plan)  # the main run's warm users
         finally:
             client.close()
     urls = {"redis": redis_url, "cluster": cluster_url}
