@@ -189,8 +189,7 @@ class ModelRegistry:
             if ro is None or ro.candidate is None:
                 raise NoRollout("no candidate to promote")
             old, self.slot = self.slot, ro.candidate
-            self.rollout = Rollout(None, 0.0, ro.shadow, ro.shadow_rate)
-            self._end_rollout(None)
+            self._end_rollout(None, keep=(ro.candidate,))  # the shadow ends with it
             if old is not None:
                 old.cache.close()
             log.info("promoted %s to stable", ro.candidate.version)

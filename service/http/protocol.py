@@ -278,7 +278,8 @@ def rank_answer(result: RankResult) -> dict[str, Any]:
         "request_id": result.request_id,
         "model_version": result.model_version,
         "items": [
-            {"item_id": i, "score": s} for i, s in zip(result.item_ids, result.scores, strict=True)
+            {"item_id": i, "score": s}
+            for i, s in zip(result.item_ids.tolist(), result.scores.tolist(), strict=True)
         ],
         "degraded": result.degraded,
         "timings_ms": result.timings.as_dict(),

@@ -131,8 +131,8 @@ async def rank(request: Request) -> Response:
             result.user_id,
             result.model_version,
             result.degraded,
-            result.item_array,
-            result.score_array,
+            result.item_ids,
+            result.scores,
         )
     request.state.degraded = result.degraded
     request.state.model_version = result.model_version

@@ -161,29 +161,16 @@ class ImpressionLog:
         degraded: str | None,
         item_ids: Sequence[int] | np.ndarray,
         scores: Sequence[float] | np.ndarray,
+        kind: str = "imp",
     ) -> None:
-        if not sampled(request_id, self.sample_rate):
+        """An answer (`imp`, sampled at `sample_rate`), or a shadow version's scores
+        (`shadow`: not sampled again, the shadow rate sampled them)."""
+        if kind == "imp" and not sampled(request_id, self.sample_rate):
             return
-        ts_ms = int(time.time() * 1000)
-        record = Impression.of(
-            request_id, user_id, ts_ms, model_version, degraded, item_ids, scores
-        )
-        self._put(record)
-
-    def offer_shadow(
-        self,
-        request_id: str,
-        user_id: str,
-        model_version: str,
-        degraded: str | None,
-        item_ids: np.ndarray,
-        scores: np.ndarray,
-    ) -> None:
-        """A shadow version's scores: not sampled again (the shadow rate sampled them)."""
         ts_ms = int(time.time() * 1000)
         self._put(
             Impression.of(
-                request_id, user_id, ts_ms, model_version, degraded, item_ids, scores, "shadow"
+                request_id, user_id, ts_ms, model_version, degraded, item_ids, scores, kind
             )
         )
 

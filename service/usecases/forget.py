@@ -100,9 +100,9 @@ class ForgetUseCase:
         self.forgotten.forget(user)
         self.freshness.invalidate(user)
         self.writeback.discard(user)
-        # Only the serving slot is reachable: an older one lives on only in the requests
-        # that took it, and whatever they cache or write is refused by `forgotten`.
-        # every version served (a rollout's candidate and shadow hold states too)
+        # Every version served (a rollout's candidate and shadow hold states too); a slot
+        # no longer served lives on only in the requests that took it, and whatever they
+        # cache or write is refused by `forgotten`.
         return sum(int(s.cache.forget(user)) for _, s, _ in self.registry.served())
 
     def on_broadcast(self, payload: bytes) -> None:

@@ -50,10 +50,8 @@ class RankResult:
     user_id: str
     request_id: str
     model_version: str
-    item_ids: list[int]
-    scores: list[float]
-    item_array: np.ndarray  # the same two, as arrays (what the impression log stores)
-    score_array: np.ndarray
+    item_ids: np.ndarray  # int64, best first (the answer; the impression log stores them)
+    scores: np.ndarray  # their probabilities, the same order
     degraded: str | None
     context: RankContext  # what Metrics.observe_rank records once the answer is serialised
 
@@ -134,15 +132,12 @@ class RankUseCase:
         order, probs = await self._score(slot, state, items, k, ctx.timings)
         tm = ctx.timings
         tm.total = (time.perf_counter() - t0) * 1e3
-        ranked = items[order]
         return RankResult(
             user_id=ctx.user,
             request_id=request_id or uuid.uuid4().hex,
             model_version=slot.version,
-            item_ids=ranked.tolist(),
-            scores=probs.tolist(),
-            item_array=ranked,
-            score_array=probs,
+            item_ids=items[order],
+            scores=probs,
             degraded=ctx.degraded,
             context=ctx,
         )

@@ -76,8 +76,8 @@ class ShadowScorer:
             logits = await self.batcher.score(slot.runtime, state, items, cost, False)
             order, probs = order_scores(logits, int(items.shape[0]))
             if self.impressions is not None:
-                self.impressions.offer_shadow(
-                    request_id, user, slot.version, ctx.degraded, items[order], probs
+                self.impressions.offer_impression(
+                    request_id, user, slot.version, ctx.degraded, items[order], probs, "shadow"
                 )
         except asyncio.CancelledError:
             raise
