@@ -2,7 +2,8 @@
 from N events and reading N records from Redis are expected to take.
 
 Scoring and building are fitted (a + b·x) on the timings the runtime measures at warm-up;
-reading is a moving average of the bulk reads actually made. The inference pool keeps
+reading is a moving average of the bulk reads actually made, and the scorer's fit is
+scaled by how much slower inline calls actually run under load (`score_ms_now`). The inference pool keeps
 its own queue estimate (how long a job waits, not how long it runs).
 """
 
@@ -15,6 +16,8 @@ import numpy as np
 READ_MS_PER_RECORD = 3e-5  # the guess before the first bulk read
 READ_EWMA = 0.2  # weight of a new read in the moving average
 MIN_READ_SAMPLE = 1000  # records: shorter reads are dominated by the round trip
+SCORE_EWMA = 0.05  # weight of a new inline scorer call in the load factor
+MAX_SCORE_LOAD = 10.0
 
 
 @dataclass
@@ -46,6 +49,10 @@ class CostModel:
     build_per_event_ms: float = 0.002
     chunk_events: int = 16_384
     read_ms_per_record: float = READ_MS_PER_RECORD
+    # Observed / fitted scorer time (moving average, >= 1): the fit is taken on an idle
+    # process at warm-up, and under load the same call takes about twice as long (shared
+    # caches, the other core busy). Admission plans with the observed time.
+    score_load: float = 1.0
 
     @classmethod
     def from_warmup(cls, w: Warmup) -> CostModel:
@@ -61,6 +68,15 @@ class CostModel:
 
     def score_ms(self, candidates: int) -> float:
         return self.score_fixed_ms + self.score_per_candidate_ms * candidates
+
+    def score_ms_now(self, candidates: int) -> float:
+        """What scoring M candidates takes at the moment (the fit times the load factor)."""
+        return self.score_ms(candidates) * self.score_load
+
+    def observe_score(self, candidates: int, ms: float) -> None:
+        """An inline scorer call (no queue in it) that took `ms`."""
+        ratio = min(max(ms / self.score_ms(candidates), 1.0), MAX_SCORE_LOAD)
+        self.score_load += SCORE_EWMA * (ratio - self.score_load)
 
     def build_ms(self, events: int) -> float:
         if events <= 0:

@@ -11,6 +11,11 @@ changes (everything is forgotten: pushes may have been missed).
 
 `fresh(user, n)` is true only for a verified user whose cached state covers exactly n
 events, while the channel is up. Bounded: at most `capacity` users are remembered (LRU).
+
+`due(user)`: a verified user past half of `max_age_s` with no read of theirs in flight.
+The resolver then re-reads their length in the background while the request is answered
+from the cache (still within the bound), so a user asked for more often than every
+`max_age_s / 2` never waits for the re-check on a request's path.
 """
 
 from __future__ import annotations
@@ -47,6 +52,18 @@ class Freshness:
             del self._verified[user]
             return False
         return True
+
+    def reading(self, user: str) -> bool:
+        """A snapshot read of `user` is in flight."""
+        return user in self._reading
+
+    def due(self, user: str) -> bool:
+        seen = self._verified.get(user)
+        return (
+            seen is not None
+            and user not in self._reading
+            and self._clock() - seen[1] > 0.5 * self.max_age_s
+        )
 
     def begin(self, user: str) -> int:
         """A snapshot read of `user` starts; pass the token to `end`."""

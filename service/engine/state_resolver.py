@@ -9,6 +9,8 @@ cold / behind  build from the sequence (one shared build per user); when the
                events that fit, answer "partial_state", let the full build finish
                in the background
 Redis down     the cached state: "stale_state"; none: an empty one, "no_history"
+no time left   a round trip that cannot come back within the budget is not started: the
+               cached state, "stale_state"; none: `NoTimeForRedis` (the use case sheds)
 """
 
 from __future__ import annotations
@@ -37,10 +39,16 @@ from service.store.redis_store import SequenceStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+# What a round trip costs beyond waiting for the event loop (loopback, one command).
+ROUND_TRIP_MS: Final = 0.3
 MIN_PARTIAL_EVENTS: Final = 64  # a partial answer always uses at least this many events
 # A build is split over the pool's workers when every part gets at least this many
 # events (below, one job: the split's overhead would outweigh the parallel part).
 MIN_PARALLEL_PART: Final = 8_192
+
+
+class NoTimeForRedis(RuntimeError):
+    """A user with no cached state whose Redis read cannot come back within the budget."""
 
 
 @dataclass(slots=True)
@@ -71,10 +79,12 @@ class StateResolver:
     forgotten: Forgotten = field(default_factory=Forgotten)
     _cooldown: Cooldown = field(init=False)
     _background: set[asyncio.Task[Any]] = field(init=False)
+    _checks: set[asyncio.Task[None]] = field(init=False)  # Freshness re-checks in flight
 
     def __post_init__(self) -> None:
         self._cooldown = Cooldown(self.settings.redis_cooldown_ms)
         self._background = set()
+        self._checks = set()
 
     def _fallback(self, ctx: RankContext, cached: UserState | None) -> UserState:
         ctx.degraded = "stale_state" if cached is not None else "no_history"
@@ -88,11 +98,21 @@ class StateResolver:
         cached = slot.cache.get(user)
         if cached is not None and self.freshness.fresh(user, cached.n):
             # Redis pushes every append to us: no news is good news (no round trip)
+            if self.freshness.due(user):
+                self._reverify(slot, user, cached.n)
             ctx.sequence_length = cached.n
             ctx.cache_result, ctx.state_source = "hit", "local"
             return cached
         scope = self.store.scope(user)
         if self._cooldown.blocked(scope):
+            return self._fallback(ctx, cached)
+        if not self._round_trip_fits(ctx):
+            if cached is None:
+                raise NoTimeForRedis(f"no time left in the budget to read {user}'s history")
+            if not self.freshness.reading(user):
+                # verify it off the path, so the user's next admitted request is warm
+                # again (under overload most are shed before they could verify it)
+                self._reverify(slot, user, cached.n)
             return self._fallback(ctx, cached)
         t = time.perf_counter()
         token = self.freshness.begin(user)
@@ -154,6 +174,38 @@ class StateResolver:
             return state
         return await self._advance(ctx, base, length)
 
+    def _reverify(self, slot: ModelSlot, user: str, n: int) -> None:
+        """Re-read `user`'s length off the request path (Freshness.due): the answer renews
+        or ends their verification exactly as a request's own read would."""
+
+        async def check() -> None:
+            token = self.freshness.begin(user)
+            answered: int | None = None
+            try:
+                answered = (await self.store.snapshot(user, slot.version, n, 0)).length
+            except StoreUnavailable as e:
+                log.debug("re-check of %s: %s", user, e)  # the next request reads itself
+            finally:
+                self.freshness.end(user, token, answered)
+
+        task = asyncio.get_running_loop().create_task(check())
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    def _round_trip_fits(self, ctx: RankContext) -> bool:
+        """Whether a Redis round trip is expected back in time to still score within the
+        budget. Its reply waits for the event loop like the request itself did, so the
+        request's own wait (the `queue` stage) is the estimate of that: on a saturated
+        loop it is what a read costs, far more than Redis does (an overload test saw a
+        3 ms-budget answer take 190 ms that way). Judged only when the request did wait
+        (IFA_SHED_MIN_WAIT_MS, as admission does): a budget too small for the work but
+        not spent waiting is the ladder's to degrade as it always has."""
+        waited = ctx.timings.queue
+        if waited < self.settings.shed_min_wait_ms:
+            return True
+        need = waited + ROUND_TRIP_MS + ctx.slot.cost.score_ms_now(ctx.candidates)
+        return ctx.remaining_ms() >= need
+
     def _current(self, user: str, mark: int) -> bool:
         """Work that began at `mark` read nothing the user's forget removed since."""
         return not self.forgotten.since(user, mark)
@@ -192,7 +244,7 @@ class StateResolver:
         slot, user, tm = ctx.slot, ctx.user, ctx.timings
         start = base.n if base is not None else 0
         k = length - start
-        available = ctx.remaining_ms() - slot.cost.score_ms(ctx.candidates)
+        available = ctx.remaining_ms() - slot.cost.score_ms_now(ctx.candidates)
         flight = slot.cache.flight(user)
         if flight is None:
             fits = self._estimate_ms(slot, k) <= available
@@ -253,7 +305,7 @@ class StateResolver:
         the answer's state and the recent events' own state (None when Redis failed)."""
         slot, user, tm = ctx.slot, ctx.user, ctx.timings
         start = base.n if base is not None else 0
-        available = ctx.remaining_ms() - slot.cost.score_ms(ctx.candidates)
+        available = ctx.remaining_ms() - slot.cost.score_ms_now(ctx.candidates)
         n = self._fit(slot, available, length - start)
         info = _Build()
         try:
@@ -348,6 +400,8 @@ class StateResolver:
 
     async def drain(self, timeout_s: float) -> None:
         """Let background builds finish (bounded), then cancel what is left."""
+        for check in list(self._checks):  # re-checks only renew a verification
+            check.cancel()
         tasks = list(self._background)
         if not tasks:
             return

@@ -7,7 +7,10 @@ The degradation ladder (docs/design.md §6), in the order a request meets it:
                    inference queue's wait is at least IFA_SHED_MIN_WAIT_MS and, with the
                    scorer's own time, past the budget: `Overloaded` (503 + Retry-After)
                    at once. (A budget too small for the work but not spent waiting is
-                   the ladder's to degrade, not a reason to shed.)
+                   the ladder's to degrade, not a reason to shed.) Also a user with no
+                   cached state whose Redis read cannot come back within the budget
+                   (`NoTimeForRedis`: on a saturated loop the reply waits as long as
+                   the request did before admission).
     warm / refresh / cold (partial_state) / Redis down (stale_state, no_history):
                    `engine.state_resolver.StateResolver`
 """
@@ -28,7 +31,7 @@ from service.engine.context import RankContext, Timings
 from service.engine.pool import InferencePool
 from service.engine.registry import ModelRegistry
 from service.engine.slot import ModelSlot
-from service.engine.state_resolver import StateResolver
+from service.engine.state_resolver import NoTimeForRedis, StateResolver
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -98,7 +101,7 @@ class RankUseCase:
         wait_ms = queued_ms + self.pool.expected_wait_ms()
         late = (
             wait_ms >= self.settings.shed_min_wait_ms
-            and wait_ms + slot.cost.score_ms(len(candidates)) > budget
+            and wait_ms + slot.cost.score_ms_now(len(candidates)) > budget
         )
         if self.inflight >= self.settings.max_inflight or late:
             self.metrics.degraded.labels("overloaded", slot.version).inc()
@@ -113,6 +116,9 @@ class RankUseCase:
             ctx = RankContext(slot, user_id, deadline, candidates=len(candidates))
             ctx.timings.queue = queued_ms
             return await self._rank(ctx, candidates, top_k, request_id, t0)
+        except NoTimeForRedis as e:
+            self.metrics.degraded.labels("overloaded", slot.version).inc()
+            raise Overloaded(f"overloaded: {e}; retry later", slot.version) from None
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
@@ -150,7 +156,10 @@ class RankUseCase:
         alone = self.inflight <= 1
         logits = await self.batcher.score(slot.runtime, state, items, cost_ms, alone)
         out = order_scores(logits, k)
-        tm.score += (time.perf_counter() - t) * 1e3
+        took = (time.perf_counter() - t) * 1e3
+        tm.score += took
+        if cost_ms < self.batcher.inline_ms:  # no queue in it: the scorer's own time
+            slot.cost.observe_score(items.shape[0], took)
         return out
 
 

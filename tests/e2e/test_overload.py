@@ -10,9 +10,10 @@ import json
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Final
 
 import numpy as np
-from e2e.uvicorn_proc import start_service
+from e2e.uvicorn_proc import Service, start_service
 
 from loadtest.httpload import LoadResult, build_request, run_load
 from service.store.embedded_redis import RedisServer
@@ -21,6 +22,27 @@ CONNECTIONS = 64
 # 64 connections queue for several times this (at ~0.2 ms a request, ~13 ms), whatever
 # the box's speed at the moment: most must be shed
 BUDGET_MS = 3.0
+
+
+LE: Final = (0.001, 0.002, 0.003, 0.005, 0.01, 0.1, float("inf"))
+
+
+def served_histogram(svc: Service) -> np.ndarray:
+    """Cumulative counts of the answers served (ok or degraded, not shed) by the service's
+    own request duration histogram, at the bucket bounds LE."""
+    return np.array(
+        [
+            sum(
+                svc.metric(
+                    "ifa_rank_request_duration_seconds_bucket",
+                    le="+Inf" if le == float("inf") else str(le),
+                    outcome=outcome,
+                )
+                for outcome in ("ok", "degraded")
+            )
+            for le in LE
+        ]
+    )
 
 
 def test_overload_is_shed_with_503_and_retry_after_then_recovers(
@@ -46,7 +68,9 @@ def test_overload_is_shed_with_503_and_retry_after_then_recovers(
     result: list[LoadResult] = []
     try:
         conn = http.client.HTTPConnection(svc.host, svc.port, timeout=30)
-        for b in bodies[:8]:  # every user warm first (the load measures shedding, not builds)
+        # every user warm and verified first (the load measures shedding, not builds):
+        # the first answer builds the state, the second's read verifies it
+        for b in bodies[:8] * 2:
             conn.request("POST", "/rank", b.replace(b'"budget_ms": 3.0', b'"budget_ms": 60000'))
             assert conn.getresponse().read() and True
         reqs = [build_request("POST", "/rank", b, host=f"{svc.host}:{svc.port}") for b in bodies]
@@ -58,6 +82,7 @@ def test_overload_is_shed_with_503_and_retry_after_then_recovers(
             except BaseException as e:  # reported below, with the service's log
                 failed.append(e)
 
+        before = served_histogram(svc)
         load = threading.Thread(target=drive)
         load.start()
         while load.is_alive():  # one more client beside the load, reading headers
@@ -70,6 +95,7 @@ def test_overload_is_shed_with_503_and_retry_after_then_recovers(
             elif r.status == 200:
                 served_ms.append(json.loads(payload)["timings_ms"]["total"])
         load.join()
+        under_load = served_histogram(svc) - before  # the whole load's answers, not a sample
         # the load is gone: a request with an ordinary budget is served at once (the
         # 3 ms one could still meet the tail of the backlog being answered)
         relaxed = bodies[1].replace(b'"budget_ms": 3.0', b'"budget_ms": 1000')
@@ -88,8 +114,17 @@ def test_overload_is_shed_with_503_and_retry_after_then_recovers(
     assert probe_statuses[503] > 0 and retry_after == {"1"}, (probe_statuses, retry_after)
     assert after.status == 200, after.status  # full service the moment the load stops
     assert clean, svc.log()[-2000:]
-    p99 = float(np.percentile(served_ms, 99)) if served_ms else float("nan")
+    # Accepted answers keep the budget (by the service's own clock, from the request's
+    # arrival): admission counts the wait, and no admitted request starts a Redis round
+    # trip that cannot come back in time. The box's other processes (the load client,
+    # Redis) can still preempt a few answers mid-flight: the test holds the median and
+    # nine in ten to the budget, and reports the tail.
+    served, within = under_load[-1], under_load[LE.index(BUDGET_MS / 1e3)]
+    p = np.percentile(served_ms, [50, 99]) if served_ms else [float("nan")] * 2
     print(
-        f"overload: {dict(statuses)} over {res.duration_s:.1f} s; served p99 (server total) "
-        f"{p99:.1f} ms against a {BUDGET_MS:.0f} ms budget"
+        f"overload: {dict(statuses)} over {res.duration_s:.1f} s; of {served:.0f} answers "
+        f"served, {within / served:.1%} within the {BUDGET_MS:.0f} ms budget (the service's "
+        f"histogram, arrival to answer sent); probe's answers: p50 {p[0]:.2f} ms, p99 "
+        f"{p[1]:.2f} ms (timings_ms.total)"
     )
+    assert within >= 0.9 * served, (within, served, under_load)

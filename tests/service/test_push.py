@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,46 @@ def test_a_broken_channel_falls_back_to_asking_redis(
     assert snapshots(redis_url) - before == 1
     scores(push, u)
     assert snapshots(redis_url) - before == 1  # and verified again
+
+
+def test_a_user_asked_for_often_is_rechecked_off_the_request_path(
+    redis_url: str, tiny_artifacts: Path
+) -> None:
+    """Past half the staleness bound a warm user's length is re-read in the background:
+    Redis is asked (the bound holds), but no answer waits for it."""
+    with push_and_strict(redis_url, tiny_artifacts, push_max_staleness_ms=200) as (push, _):
+        wait_until(lambda: metric_value(push, "ifa_push_channel_up") == 1)
+        u = user()
+        seed_sequence(redis_url, u, 100)
+        scores(push, u)
+        scores(push, u)  # verified
+        before = snapshots(redis_url)
+        waited = []
+        for _ in range(40):  # 40 x 25 ms: well past the 200 ms bound, several times
+            r = push.post("/rank", json={"user_id": u, "candidates": CANDS})
+            assert r.status_code == 200 and r.json()["degraded"] is None
+            waited.append(r.json()["timings_ms"]["redis"])
+            time.sleep(0.025)
+        assert snapshots(redis_url) - before >= 2  # re-checked, more than once
+        assert waited == [0.0] * 40  # by none of the answers
+
+
+def test_freshness_due_halfway_once_per_read() -> None:
+    now = [0.0]
+    f = Freshness(capacity=4, max_age_s=1.0, clock=lambda: now[0])
+    f.set_up(True)
+    f.end("a", f.begin("a"), 5)
+    assert not f.due("a") and not f.due("nobody")
+    now[0] = 0.6
+    assert f.due("a") and f.fresh("a", 5)  # due for a re-check, still fresh meanwhile
+    token = f.begin("a")
+    assert not f.due("a")  # one re-check at a time
+    f.end("a", token, 5)
+    assert not f.due("a") and f.fresh("a", 5)  # renewed at 0.6
+    now[0] = 1.5
+    assert f.fresh("a", 5)
+    f.end("a", f.begin("a"), 7)  # the re-check saw appends whose push was lost
+    assert not f.fresh("a", 5)  # the cached state no longer counts as current
 
 
 def test_freshness_race_age_and_capacity() -> None:

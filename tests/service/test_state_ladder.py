@@ -24,7 +24,7 @@ from service.engine.pool import InferencePool
 from service.engine.registry import ModelRegistry
 from service.engine.slot import ModelSlot
 from service.engine.state_cache import StateCache, StateWriteBack
-from service.engine.state_resolver import MIN_PARTIAL_EVENTS, StateResolver
+from service.engine.state_resolver import MIN_PARTIAL_EVENTS, NoTimeForRedis, StateResolver
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store.redis_store import AppendResult, Snapshot, StoreUnavailable
@@ -382,3 +382,60 @@ def test_a_tiny_budget_not_spent_waiting_is_degraded_not_shed() -> None:
     result = asyncio.run(uc.rank(USER, [1, 2], budget_ms=0.001))  # arrived just now
     assert result.degraded is None or result.degraded == "partial_state"
     assert len(result.item_ids) == 2
+
+
+def waited(slot: ModelSlot, queue_ms: float, budget_ms: float) -> RankContext:
+    """A request that waited `queue_ms` for the event loop and has `budget_ms` left."""
+    ctx = RankContext(slot, USER, deadline=time.perf_counter() + budget_ms / 1e3, candidates=10)
+    ctx.timings.queue = queue_ms
+    return ctx
+
+
+def test_a_round_trip_that_cannot_come_back_in_time_is_not_started() -> None:
+    """On a saturated loop a Redis reply waits as long as the request did before its
+    admission: with less budget left than that, the cached state answers (stale_state)
+    and Redis is not asked; the cooldown is not touched (Redis did nothing wrong)."""
+    resolver, slot, store, _, _ = ladder(500)
+
+    async def run() -> tuple[RankContext, RankContext]:
+        await resolver.resolve(context(slot, 60))  # cached; the push channel is down
+        store.calls.clear()
+        late = waited(slot, queue_ms=15.0, budget_ms=2.0)
+        await resolver.resolve(late)
+        roomy = waited(slot, queue_ms=15.0, budget_ms=1000.0)
+        await resolver.resolve(roomy)
+        return late, roomy
+
+    late, roomy = asyncio.run(run())
+    assert late.degraded == "stale_state" and late.sequence_length is None
+    assert roomy.degraded is None and roomy.cache_result == "hit"
+    assert store.calls == ["snapshot"]  # only the request with time for it asked Redis
+    assert not resolver._cooldown.blocked()
+
+
+def test_a_short_wait_never_skips_the_round_trip() -> None:
+    """Below IFA_SHED_MIN_WAIT_MS the wait is not load: a tiny budget still reads."""
+    resolver, slot, store, _, _ = ladder(500)
+
+    async def run() -> RankContext:
+        await resolver.resolve(context(slot, 60))
+        store.calls.clear()
+        ctx = waited(slot, queue_ms=0.0, budget_ms=0.001)
+        await resolver.resolve(ctx)
+        return ctx
+
+    ctx = asyncio.run(run())
+    assert ctx.degraded is None and store.calls == ["snapshot"]
+
+
+def test_a_cold_user_with_no_time_for_redis_is_shed_and_counted() -> None:
+    resolver, slot, store, _, _ = ladder(500)
+    with pytest.raises(NoTimeForRedis):
+        asyncio.run(resolver.resolve(waited(slot, queue_ms=15.0, budget_ms=2.0)))
+    assert store.calls == []
+    uc, metrics = use_case(shed_min_wait_ms=10)  # the resolver's default too
+    arrived = time.perf_counter() - 0.015  # waited 15 ms of 17: admitted (scoring fits)
+    with pytest.raises(Overloaded, match="no time left in the budget"):
+        asyncio.run(uc.rank(USER, [1, 2], budget_ms=17, arrived=arrived))
+    assert counter(metrics, "ifa_rank_degraded_total", reason="overloaded") == 1
+    assert uc.inflight == 0
