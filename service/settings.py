@@ -212,6 +212,23 @@ class Settings(BaseSettings):
         description="a request body whose next part takes longer than this to arrive is "
         "answered 408 (a slow client cannot hold a request open)",
     )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="a connection must complete a request head within this of connecting "
+        "(or, between requests, of the head's first byte), else it is closed, with a 408 "
+        "when a request had begun (idle or slow clients cannot hold connections open); "
+        "an idle connection between requests is closed by uvicorn's keep-alive timeout (5 s)",
+    )
+    max_connections: int = Field(
+        default=900,
+        ge=1,
+        le=1_000_000,
+        description="open connections per worker process; past it a new connection is "
+        "answered 503 + `Retry-After: 1` and closed. Below the common 1,024 open-file limit "
+        "(`ulimit -n`) less the service's own (Redis pool, CUDA, logs): raise both together",
+    )
     max_inflight: int = Field(
         default=64,
         ge=1,

@@ -1,5 +1,6 @@
 """uvicorn's httptools protocol, stamping each request with the time its first bytes were
-parsed (`scope["state"]["arrived"]`, perf_counter seconds), and bounding its headers.
+parsed (`scope["state"]["arrived"]`, perf_counter seconds), bounding its headers, the time
+a request head may take, and the connections a process holds.
 
 Under load the event loop runs the request tasks one after another, so a request's task
 can start tens of milliseconds after uvicorn parsed it; a clock started in the ASGI
@@ -7,23 +8,44 @@ middleware cannot see that wait. With this protocol the `queue` stage and the bu
 run from the parse instead (waiting in the kernel's socket buffer for the loop's next
 read stays invisible to any server-side clock). Use it with
 `uvicorn --http service.http.arrival:ArrivalHttpToolsProtocol` (`ifa-rank serve`, the
-image and the bench do); under any other protocol the middleware's clock is used.
+image and the bench do); under any other protocol the middleware's clock is used, and
+the connection bounds below do not apply.
 
 Headers: httptools itself accepts any size (8 MB were taken in a test from outside).
 Past MAX_HEADER_BYTES (name + value bytes of all headers, as nginx's default buffers
 allow) the parse is abandoned: uvicorn answers 400 and closes the connection.
+
+Idle and slow connections: uvicorn arms its keep-alive timer only after a response, and
+stops it at the next byte, so a connection that never completes a request head (sends
+nothing, or a byte of headers now and then) was held forever. Here a connection must
+complete its first request head within IFA_HEADER_TIMEOUT_S of connecting, and a later
+one within IFA_HEADER_TIMEOUT_S of its first byte; else it is closed (with a 408 when a
+request had begun). Between requests uvicorn's keep-alive timeout still closes an idle
+connection. Past IFA_MAX_CONNECTIONS open connections in this process, a new one is
+answered 503 (`Retry-After: 1`, `Connection: close`) and closed at once.
+
+The head deadline costs nothing per request: one timer per connection, armed when it is
+made, looks at the connection's state when it fires (a request in flight, a head begun
+and when, idle after a response) and either closes it or re-arms itself, at most about
+once per timeout while the connection lives. The parser callbacks are not touched.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from typing import Final
+from typing import ClassVar, Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.http.middleware import ARRIVED
+from service.settings import Settings
 
 MAX_HEADER_BYTES: Final = 32 * 1024
+REFUSED_LOG_EVERY_S: Final = 10.0
+
+log = logging.getLogger(__name__)
 
 
 class HeadersTooLarge(Exception):
@@ -32,6 +54,42 @@ class HeadersTooLarge(Exception):
 
 class ArrivalHttpToolsProtocol(HttpToolsProtocol):
     _header_bytes = 0
+
+    # IFA_HEADER_TIMEOUT_S and IFA_MAX_CONNECTIONS, read once per process by the first
+    # connection. uvicorn builds the protocol itself (config, server_state, app_state,
+    # loop): nothing of the app's Settings reaches it, and the environment must not be
+    # read at import. The service's Settings (the app factory built them from the same
+    # environment, so they are valid) keep one definition, default and bound per value.
+    _limits: ClassVar[tuple[float, int] | None] = None
+    _refused = 0  # connections refused over the cap since the last warning (class-wide)
+    _refused_logged_at = 0.0
+
+    _head_timer: asyncio.TimerHandle | None = None
+    _made_at = 0.0  # perf_counter at connection_made
+    _idle_cycle: object = None  # the answered cycle after which stray bytes were seen
+    _idle_since = 0.0
+
+    @classmethod
+    def limits(cls) -> tuple[float, int]:
+        if cls._limits is None:
+            settings = Settings()
+            cls._limits = (settings.header_timeout_s, settings.max_connections)
+        return cls._limits
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        timeout, cap = self.limits()
+        if len(self.connections) > cap:
+            self._refuse()
+            return
+        self._made_at = time.perf_counter()
+        self._head_timer = self.loop.call_later(timeout, self._check_head)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -43,3 +101,76 @@ class ArrivalHttpToolsProtocol(HttpToolsProtocol):
         if self._header_bytes > MAX_HEADER_BYTES:
             raise HeadersTooLarge(f"request headers exceed {MAX_HEADER_BYTES} bytes")
         super().on_header(name, value)
+
+    # --- the connection bounds
+
+    def _check_head(self) -> None:
+        """The head timer: close a connection whose request head is overdue, else re-arm."""
+        self._head_timer = None
+        transport = self.transport
+        if transport.is_closing() or transport.get_protocol() is not self:  # or upgraded
+            return
+        timeout = self.limits()[0]
+        now = time.perf_counter()
+        cycle, scope = self.cycle, self.scope
+        since: float | None
+        began = False
+        if cycle is not None and not cycle.response_complete:
+            # A request in flight (a pipelined one included): its body is bounded by
+            # IFA_BODY_TIMEOUT_S, its work by the budget.
+            since = None
+        elif cycle is None:
+            # No head completed yet: the first is due within the timeout of connecting.
+            since, began = self._made_at, scope is not None
+        elif cycle.scope is not scope:
+            # The next request began (its first byte parsed) and its head is incomplete.
+            since, began = scope["state"][ARRIVED], True
+        elif self.timeout_keep_alive_task is not None:
+            since = None  # idle after a response: uvicorn's keep-alive timer closes it
+        else:
+            # Bytes came after the response (which stops uvicorn's keep-alive timer) but
+            # began no request (llhttp skips blank lines): due from when first seen here.
+            if self._idle_cycle is not cycle:
+                self._idle_cycle, self._idle_since = cycle, now
+            since = self._idle_since
+        if since is None:
+            self._head_timer = self.loop.call_later(timeout, self._check_head)
+        elif now - since < timeout:
+            self._head_timer = self.loop.call_later(since + timeout - now, self._check_head)
+        else:
+            if began:
+                self._answer_and_close(408, b"Request head not received in time")
+            else:
+                transport.close()
+
+    def _refuse(self) -> None:
+        """Over IFA_MAX_CONNECTIONS: 503 and close, before anything is read. (A client
+        whose request already arrived may see a reset instead of the 503.)"""
+        self.connections.discard(self)  # the count is of the connections kept
+        self._answer_and_close(503, b"Too many connections", (b"retry-after", b"1"))
+        cls = type(self)
+        cls._refused += 1
+        now = time.monotonic()
+        if now - cls._refused_logged_at >= REFUSED_LOG_EVERY_S:
+            log.warning(
+                "refused %d connection(s) over IFA_MAX_CONNECTIONS=%d (since the last such warning)",
+                cls._refused,
+                self.limits()[1],
+            )
+            cls._refused, cls._refused_logged_at = 0, now
+
+    def _answer_and_close(self, status: int, text: bytes, *headers: tuple[bytes, bytes]) -> None:
+        lines: list[bytes] = [b"HTTP/1.1 %d %s" % (status, _PHRASES[status])]
+        lines += [b"%s: %s" % h for h in (*self.server_state.default_headers, *headers)]
+        lines += [
+            b"content-type: text/plain; charset=utf-8",
+            b"content-length: %d" % len(text),
+            b"connection: close",
+            b"",
+            text,
+        ]
+        self.transport.write(b"\r\n".join(lines))
+        self.transport.close()
+
+
+_PHRASES: Final = {408: b"Request Timeout", 503: b"Service Unavailable"}
