@@ -7,6 +7,8 @@ Service fixtures (real things only: a real redis-server, a real exported ONNX mo
 * `private_redis` (function): a server of the test's own, for tests that stop/restart it.
 * `tiny_artifacts` (session): a tiny untrained IFA model exported to ONNX (version "v1").
 * `tiny_artifacts_two_versions` (session): a copy holding "v1" and "v2" (renamed copy).
+* `wide_state_artifacts` (session): the tiny model with the default state dims (4 heads,
+  128 category slots: a state of ~19.6 KB, as a real model's), for memory tests.
 * `redis_cluster` (session): a real Redis Cluster, 3 masters with 1 replica each.
 * `redis_cluster_url` (function): its URL, the cluster healthy (dead nodes restarted) and
   every master flushed before the test.
@@ -73,8 +75,19 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def export_tiny_model(root: Path, version: str, seed: int) -> Path:
-    """Build a tiny untrained IFA model and export it with the real exporter."""
+# The default state dims (heads x d_phi x d_head = 4 x 136 x 8) on the tiny model: states
+# of a real model's size (~19.6 KB) while the model itself stays tiny.
+WIDE_STATE: dict[str, Any] = {
+    "heads": 4,
+    "d_head": 8,
+    "decay_per_day": (0.0, 0.5, 0.0, 0.5),
+    "cat_slots": 128,
+}
+
+
+def export_tiny_model(root: Path, version: str, seed: int, **overrides: Any) -> Path:
+    """Build a tiny untrained IFA model and export it with the real exporter (`overrides`:
+    config fields changed from the tiny ones)."""
     torch = pytest.importorskip("torch")
     from model_export.export import export_model
     from model_export.model import build_model
@@ -93,6 +106,7 @@ def export_tiny_model(root: Path, version: str, seed: int) -> Path:
         decay_per_day=(0.0, 0.5),  # one lifelong head, one decaying head
         cat_slots=4,  # d_phi = 4 learned + 4 category slots
     )
+    cfg = default_config(**{**cfg.to_dict(), **overrides}) if overrides else cfg
     model = build_model(cfg)
     ids = np.arange(TINY_ITEMS, dtype=np.int64)
     table: Any = (ids, ids % 7)
@@ -123,22 +137,41 @@ def tiny_artifacts(
     """Artifacts dir with "v1" (and `latest` -> v1). The export (tens of seconds of torch)
     is cached in pytest's cache dir, keyed by the sources it depends on; each session
     gets its own copy."""
+    return _cached_export(request, tmp_path_factory, "artifacts")
+
+
+@pytest.fixture(scope="session")
+def wide_state_artifacts(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """As `tiny_artifacts`, with the default state dims (WIDE_STATE): ~19.6 KB a state."""
+    return _cached_export(request, tmp_path_factory, "wide-artifacts", **WIDE_STATE)
+
+
+def _cached_export(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    **overrides: Any,
+) -> Path:
     import os
 
-    root = tmp_path_factory.mktemp("artifacts")
+    root = tmp_path_factory.mktemp(name)
     if getattr(request.config, "cache", None) is None:  # -p no:cacheprovider
-        export_tiny_model(root, "v1", seed=0)
+        export_tiny_model(root, "v1", seed=0, **overrides)
         return root
     cache = Path(request.config.cache.mkdir("ifa_tiny_artifacts"))
-    cached = cache / _tiny_model_key()
+    key = _tiny_model_key()
+    cached = cache / (f"{key}-{name}" if overrides else key)
     if not (cached / "v1" / "manifest.json").is_file():
-        staging = tmp_path_factory.mktemp("artifacts-staging")
-        export_tiny_model(staging, "v1", seed=0)
+        staging = tmp_path_factory.mktemp(f"{name}-staging")
+        export_tiny_model(staging, "v1", seed=0, **overrides)
         try:
             os.rename(staging, cached)
         except OSError:  # another session cached it first
             shutil.rmtree(staging, ignore_errors=True)
-        old = sorted(cache.iterdir(), key=lambda p: p.stat().st_mtime)[:-3]
+        # the newest few: this key's exports (tiny, wide) and the previous key's
+        old = sorted(cache.iterdir(), key=lambda p: p.stat().st_mtime)[:-4]
         for stale in old:
             shutil.rmtree(stale, ignore_errors=True)
     shutil.copytree(cached, root, dirs_exist_ok=True)
