@@ -41,6 +41,9 @@ TUNED_ENV: dict[str, str] = {
     "IFA_REDIS_TIMEOUT_MS": "200",
     # stop() is the end of a run, not a rollout: no drain window (a test sets its own)
     "IFA_DRAIN_S": "0",
+    # the open loop opens its connections up front and may leave some unused for a whole
+    # run: the head timeout (10 s by default) must not close them under it
+    "IFA_HEADER_TIMEOUT_S": "120",
 }
 
 

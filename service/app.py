@@ -21,6 +21,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp
 
 from service.engine.batcher import ScoreBatcher
 from service.engine.cost import Warmup
@@ -31,13 +33,14 @@ from service.engine.registry import ModelRegistry
 from service.engine.slot import Runtime
 from service.engine.state_cache import StateWriteBack
 from service.engine.state_resolver import StateResolver
+from service.http.fast_path import RankApp, RouteErrors
 from service.http.middleware import (
     BodyLimitMiddleware,
     DrainMiddleware,
     RequestMetricsMiddleware,
     install_error_handlers,
 )
-from service.http.routes import router
+from service.http.routes import rank, router
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store.cluster import NodeAddress, cluster_primaries, single_node
@@ -327,7 +330,7 @@ def create_app(settings: Settings) -> FastAPI:
             metrics.close()
             log.info("shut down")
 
-    app = FastAPI(
+    app = RankApp(
         title="ifa-rank",
         version="0.1.0",
         summary="Online reranking with IFA: whole candidate sets against lifelong histories",
@@ -343,12 +346,19 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.shutting_down = False
     install_error_handlers(app)
     app.include_router(router)
-    # The last added is the outermost: metrics see every answer, 413s included.
-    app.add_middleware(DrainMiddleware, draining=lambda: bool(app.state.shutting_down))
-    app.add_middleware(
-        BodyLimitMiddleware, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s
-    )
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    # The last is the outermost: metrics see every answer, 413s included.
+    ours = [
+        Middleware(DrainMiddleware, draining=lambda: bool(app.state.shutting_down)),
+        Middleware(
+            BodyLimitMiddleware, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+        ),
+        Middleware(RequestMetricsMiddleware, metrics=metrics),
+    ]
+    fast: ASGIApp = RouteErrors(rank)  # POST /rank: the same middlewares, no router
+    for m in ours:
+        app.add_middleware(m.cls, *m.args, **m.kwargs)
+        fast = m.cls(fast, *m.args, **m.kwargs)
+    app.fast = fast
     return app
 
 

@@ -98,7 +98,7 @@ class StateResolver:
         cached = slot.cache.get(user)
         if cached is not None and self.freshness.fresh(user, cached.n):
             # Redis pushes every append to us: no news is good news (no round trip)
-            if self.freshness.due(user):
+            if self.freshness.due(user) and not self._cooldown.blocked(self.store.scope(user)):
                 self._reverify(slot, user, cached.n)
             ctx.sequence_length = cached.n
             ctx.cache_result, ctx.state_source = "hit", "local"
@@ -177,20 +177,25 @@ class StateResolver:
     def _reverify(self, slot: ModelSlot, user: str, n: int) -> None:
         """Re-read `user`'s length off the request path (Freshness.due): the answer renews
         or ends their verification exactly as a request's own read would."""
+        token = self.freshness.begin(user)  # now: the next request must not start another
+        answered: list[int] = []
 
         async def check() -> None:
-            token = self.freshness.begin(user)
-            answered: int | None = None
             try:
-                answered = (await self.store.snapshot(user, slot.version, n, 0)).length
-            except StoreUnavailable as e:
-                log.debug("re-check of %s: %s", user, e)  # the next request reads itself
-            finally:
-                self.freshness.end(user, token, answered)
+                answered.append((await self.store.snapshot(user, slot.version, n, 0)).length)
+            except StoreUnavailable as e:  # counted as a request's read failure would be
+                log.debug("re-check of %s: %s", user, e)
+                self._cooldown.failed(e)
+            else:
+                self._cooldown.succeeded(self.store.scope(user))
+
+        def done(task: asyncio.Task[None]) -> None:  # also when cancelled before it ran
+            self._checks.discard(task)
+            self.freshness.end(user, token, answered[0] if answered else None)
 
         task = asyncio.get_running_loop().create_task(check())
         self._checks.add(task)
-        task.add_done_callback(self._checks.discard)
+        task.add_done_callback(done)
 
     def _round_trip_fits(self, ctx: RankContext) -> bool:
         """Whether a Redis round trip is expected back in time to still score within the

@@ -101,22 +101,22 @@ def _compact(err: Mapping[str, Any]) -> dict[str, Any]:
     return {"loc": [str(p) for p in err.get("loc", ())], "msg": msg, "type": str(err.get("type"))}
 
 
-async def _on_validation_error(request: Request, exc: Exception) -> Response:
+async def on_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = [_compact(e) for e in exc.errors()][:20]
     first = errors[0] if errors else {"loc": ["body"], "msg": "invalid request"}
     return error_response(422, errors, f"{_field(first['loc'])}: {first['msg']}")
 
 
-async def _on_http_error(request: Request, exc: Exception) -> Response:
+async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     return error_response(exc.status_code, exc.detail, headers=exc.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
     # Starlette's HTTPException covers FastAPI's and the router's own 404 / 405.
-    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Final
 
-import orjson
 from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel
 from starlette.responses import PlainTextResponse, Response
@@ -122,7 +121,7 @@ async def rank(request: Request) -> Response:
     except ModelNotReady as e:
         return _unavailable(str(e), e.retry_after_s)
     t = time.perf_counter()
-    payload = orjson.dumps(rank_answer(result))
+    payload = rank_answer(result)
     result.timings.serialize = (time.perf_counter() - t) * 1e3
     state.metrics.observe_rank(result.context)  # the one place an answer's metrics go
     if state.impressions is not None:  # queued only: the log is written off the path

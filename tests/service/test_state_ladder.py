@@ -397,19 +397,24 @@ def test_a_round_trip_that_cannot_come_back_in_time_is_not_started() -> None:
     and Redis is not asked; the cooldown is not touched (Redis did nothing wrong)."""
     resolver, slot, store, _, _ = ladder(500)
 
-    async def run() -> tuple[RankContext, RankContext]:
+    async def run() -> tuple[RankContext, list[str], RankContext]:
         await resolver.resolve(context(slot, 60))  # cached; the push channel is down
         store.calls.clear()
         late = waited(slot, queue_ms=15.0, budget_ms=2.0)
         await resolver.resolve(late)
+        asked_by_late = list(store.calls)
+        await asyncio.sleep(0.01)  # the re-check it left behind runs
         roomy = waited(slot, queue_ms=15.0, budget_ms=1000.0)
         await resolver.resolve(roomy)
-        return late, roomy
+        return late, asked_by_late, roomy
 
-    late, roomy = asyncio.run(run())
+    late, asked_by_late, roomy = asyncio.run(run())
     assert late.degraded == "stale_state" and late.sequence_length is None
+    assert asked_by_late == [] and late.timings.redis == 0  # answered without waiting
+    # one background re-check (so the user's next admitted request is warm again), then
+    # the request with time for it asked Redis itself (the push channel is down here)
+    assert store.calls == ["snapshot", "snapshot"]
     assert roomy.degraded is None and roomy.cache_result == "hit"
-    assert store.calls == ["snapshot"]  # only the request with time for it asked Redis
     assert not resolver._cooldown.blocked()
 
 
