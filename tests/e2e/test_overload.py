@@ -19,9 +19,13 @@ from loadtest.httpload import LoadResult, build_request, run_load
 from service.store.embedded_redis import RedisServer
 
 CONNECTIONS = 64
-# 64 connections queue for several times this (at ~0.2 ms a request, ~13 ms), whatever
-# the box's speed at the moment: most must be shed
-BUDGET_MS = 3.0
+# 64 connections queue for more than this most of the time (a served answer costs the
+# loop ~0.3-0.5 ms, a shed one ~0.1 ms), whatever the box's speed: most must be shed.
+# 10 ms rather than less: preemption by the load client and Redis on the same 2 cores
+# (a millisecond or two) must not decide whether an answer kept its budget.
+BUDGET_MS = 10.0
+BUDGET = f'"budget_ms": {BUDGET_MS}'.encode()
+PROBE_BUDGET_MS = 3.0
 
 
 LE: Final = (0.001, 0.002, 0.003, 0.005, 0.01, 0.1, float("inf"))
@@ -71,7 +75,7 @@ def test_overload_is_shed_with_503_and_retry_after_then_recovers(
         # every user warm and verified first (the load measures shedding, not builds):
         # the first answer builds the state, the second's read verifies it
         for b in bodies[:8] * 2:
-            conn.request("POST", "/rank", b.replace(b'"budget_ms": 3.0', b'"budget_ms": 60000'))
+            conn.request("POST", "/rank", b.replace(BUDGET, b'"budget_ms": 60000'))
             assert conn.getresponse().read() and True
         reqs = [build_request("POST", "/rank", b, host=f"{svc.host}:{svc.port}") for b in bodies]
         failed: list[BaseException] = []
@@ -83,10 +87,12 @@ def test_overload_is_shed_with_503_and_retry_after_then_recovers(
                 failed.append(e)
 
         before = served_histogram(svc)
+        # the probe's budget is tighter than the load's, so it meets the shedding too
+        probe = bodies[0].replace(BUDGET, f'"budget_ms": {PROBE_BUDGET_MS}'.encode())
         load = threading.Thread(target=drive)
         load.start()
         while load.is_alive():  # one more client beside the load, reading headers
-            conn.request("POST", "/rank", bodies[0], {"content-type": "application/json"})
+            conn.request("POST", "/rank", probe, {"content-type": "application/json"})
             r = conn.getresponse()
             payload = r.read()
             probe_statuses[r.status] += 1
@@ -98,7 +104,7 @@ def test_overload_is_shed_with_503_and_retry_after_then_recovers(
         under_load = served_histogram(svc) - before  # the whole load's answers, not a sample
         # the load is gone: a request with an ordinary budget is served at once (the
         # 3 ms one could still meet the tail of the backlog being answered)
-        relaxed = bodies[1].replace(b'"budget_ms": 3.0', b'"budget_ms": 1000')
+        relaxed = bodies[1].replace(BUDGET, b'"budget_ms": 1000')
         assert relaxed != bodies[1]
         conn.request("POST", "/rank", relaxed, {"content-type": "application/json"})
         after = conn.getresponse()
@@ -115,16 +121,16 @@ def test_overload_is_shed_with_503_and_retry_after_then_recovers(
     assert after.status == 200, after.status  # full service the moment the load stops
     assert clean, svc.log()[-2000:]
     # Accepted answers keep the budget (by the service's own clock, from the request's
-    # arrival): admission counts the wait, and no admitted request starts a Redis round
-    # trip that cannot come back in time. The box's other processes (the load client,
-    # Redis) can still preempt a few answers mid-flight: the test holds the median and
-    # nine in ten to the budget, and reports the tail.
+    # arrival to its answer sent): admission counts the wait and plans with the scorer's
+    # time under load, and no admitted request starts a Redis round trip that cannot come
+    # back in time. 1 % is left to preemption by the other processes on the box.
     served, within = under_load[-1], under_load[LE.index(BUDGET_MS / 1e3)]
     p = np.percentile(served_ms, [50, 99]) if served_ms else [float("nan")] * 2
     print(
         f"overload: {dict(statuses)} over {res.duration_s:.1f} s; of {served:.0f} answers "
         f"served, {within / served:.1%} within the {BUDGET_MS:.0f} ms budget (the service's "
-        f"histogram, arrival to answer sent); probe's answers: p50 {p[0]:.2f} ms, p99 "
+        f"histogram, arrival to answer sent); probe's answers ({PROBE_BUDGET_MS:.0f} ms "
+        f"budget): p50 {p[0]:.2f} ms, p99 "
         f"{p[1]:.2f} ms (timings_ms.total)"
     )
-    assert within >= 0.9 * served, (within, served, under_load)
+    assert within >= 0.99 * served, (within, served, dict(zip(LE, under_load, strict=True)))
