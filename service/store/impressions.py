@@ -35,7 +35,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 STREAM_PREFIX: Final = "ifa:imp:"
-BATCH: Final = 256  # records per pipeline
+# Records per pipeline. redis-py packs a pipeline on the event loop in one go, about
+# 20 us a record at M = 500 (22 arguments, 6 KB): 256 stalled every request in flight
+# for ~5 ms (and sent 1.6 MB at once), 32 for ~0.6 ms; the round trips saved beyond 32
+# are worth less than that tail.
+BATCH: Final = 32
 
 
 def stream_key(shard: int) -> str:
