@@ -152,7 +152,13 @@ def test_tiny_end_to_end_bench_writes_the_contracted_report(
         "redis_push_nolog_c1",
         "redis_push_nolog_c16",
     }
-    assert all(r["requests"] > 0 and r["errors"] == 0 for r in cluster["runs"].values())
+    # Four services and a six-node cluster share the 2 cores here: on a slow box a c=16
+    # run can shed (503, the default 40 ms budget), which is the service working; any
+    # other error fails (a CI run once saw errors here, with nothing to tell which).
+    outcomes = {
+        k: (r["requests"], r["errors"], r.get("shed", 0)) for k, r in cluster["runs"].items()
+    }
+    assert all(n > 0 and errors == shed for n, errors, shed in outcomes.values()), outcomes
     assert cluster["p50_ratio_strict_c1"] > 0 and cluster["p50_ratio_impression_log_c1"] > 0
     md = (out / "bench.md").read_text()
     assert "## HTTP on loopback" in md and "## Targets" in md
