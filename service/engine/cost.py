@@ -3,8 +3,8 @@ from N events and reading N records from Redis are expected to take.
 
 Scoring and building are fitted (a + b·x) on the timings the runtime measures at warm-up;
 reading is a moving average of the bulk reads actually made, and the scorer's fit is
-scaled by how much slower inline calls actually run under load (`score_ms_now`). The inference pool keeps
-its own queue estimate (how long a job waits, not how long it runs).
+scaled by how much slower inline calls actually run under load (`score_ms_now`). The
+inference pool keeps its own queue estimate (how long a job waits, not how long it runs).
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ class StateResolver:
         if not self._round_trip_fits(ctx):
             if cached is None:
                 raise NoTimeForRedis(f"no time left in the budget to read {user}'s history")
-            if not self.freshness.reading(user):
+            if self.freshness.up and not self.freshness.reading(user):
                 # verify it off the path, so the user's next admitted request is warm
                 # again (under overload most are shed before they could verify it)
                 self._reverify(slot, user, cached.n)

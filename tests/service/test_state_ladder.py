@@ -20,6 +20,7 @@ from service.engine.batcher import ScoreBatcher
 from service.engine.context import RankContext
 from service.engine.cooldown import Cooldown
 from service.engine.cost import CostModel, Warmup
+from service.engine.freshness import Freshness
 from service.engine.pool import InferencePool
 from service.engine.registry import ModelRegistry
 from service.engine.slot import ModelSlot
@@ -394,27 +395,35 @@ def waited(slot: ModelSlot, queue_ms: float, budget_ms: float) -> RankContext:
 def test_a_round_trip_that_cannot_come_back_in_time_is_not_started() -> None:
     """On a saturated loop a Redis reply waits as long as the request did before its
     admission: with less budget left than that, the cached state answers (stale_state)
-    and Redis is not asked; the cooldown is not touched (Redis did nothing wrong)."""
+    and Redis is not asked on the request's path; a re-check goes off the path, so the
+    user's next request is warm again. The cooldown is not touched (Redis did nothing
+    wrong)."""
     resolver, slot, store, _, _ = ladder(500)
+    resolver.freshness = Freshness(10, 60.0)
+    resolver.freshness.set_up(True)  # the push channel is up
 
-    async def run() -> tuple[RankContext, list[str], RankContext]:
-        await resolver.resolve(context(slot, 60))  # cached; the push channel is down
+    async def run() -> tuple[RankContext, list[str], list[str], RankContext]:
+        await resolver.resolve(context(slot, 60))  # built and cached
+        resolver.freshness.invalidate(USER)  # an append was pushed: not current now
         store.calls.clear()
         late = waited(slot, queue_ms=15.0, budget_ms=2.0)
         await resolver.resolve(late)
         asked_by_late = list(store.calls)
         await asyncio.sleep(0.01)  # the re-check it left behind runs
+        rechecked = list(store.calls)
         roomy = waited(slot, queue_ms=15.0, budget_ms=1000.0)
         await resolver.resolve(roomy)
-        return late, asked_by_late, roomy
+        return late, asked_by_late, rechecked, roomy
 
-    late, asked_by_late, roomy = asyncio.run(run())
+    late, asked_by_late, rechecked, roomy = asyncio.run(run())
     assert late.degraded == "stale_state" and late.sequence_length is None
     assert asked_by_late == [] and late.timings.redis == 0  # answered without waiting
-    # one background re-check (so the user's next admitted request is warm again), then
-    # the request with time for it asked Redis itself (the push channel is down here)
-    assert store.calls == ["snapshot", "snapshot"]
-    assert roomy.degraded is None and roomy.cache_result == "hit"
+    assert rechecked == ["snapshot"]  # one read, off the path
+    assert store.calls == ["snapshot"]  # the next request found the user verified
+    assert roomy.degraded is None and (roomy.cache_result, roomy.state_source) == (
+        "hit",
+        "local",
+    )
     assert not resolver._cooldown.blocked()
 
 
