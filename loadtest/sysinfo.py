@@ -105,9 +105,10 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
 
 
-def proc_rss_mib(pid: int) -> float:
+def proc_rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """A process' resident set in MiB (`field` "VmHWM": its peak); NaN if unreadable."""
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")

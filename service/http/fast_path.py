@@ -4,9 +4,9 @@ machinery: the same handler, the same middlewares of ours, the same error answer
 Per request the full stack costs more than the answer's own serialisation: Starlette's
 error and exception middlewares, a regex match against every route, and FastAPI's
 dependency solving (for a handler that takes only the request). For /rank, the one route
-whose rate matters, `RankApp` sends the request through `route_stack(rank)`: our
-metrics, body-limit and drain middlewares around `RouteErrors`, which maps the handler's
-validation and HTTP errors exactly as the app's exception handlers do. Every other
+whose rate matters, `RankApp` sends the request through `fast` (built by create_app):
+our metrics, body-limit and drain middlewares around `RouteErrors`, which maps the
+handler's validation and HTTP errors with the app's own exception handlers. Every other
 request, and any other method or path spelling of /rank, takes the ordinary way (405,
 404, the OpenAPI document: the APIRoute stays registered and documented).
 

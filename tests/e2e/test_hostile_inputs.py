@@ -4,12 +4,12 @@ connection, never a 500 or a stuck request, and the next request is answered nor
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from e2e.raw_http import answers_normally, connect, status
 from e2e.uvicorn_proc import Service, start_service
 
 from service.store.embedded_redis import RedisServer
@@ -27,8 +27,7 @@ def svc(
 
 def raw(svc: Service, payload: bytes, then_wait_s: float = 10.0) -> bytes:
     """Send bytes, read until the server answers and closes (or `then_wait_s` passes)."""
-    url = httpx.URL(svc.base_url)
-    with socket.create_connection((url.host, url.port or 80), timeout=then_wait_s) as sock:
+    with connect(svc, then_wait_s) as sock:
         sock.sendall(payload)
         chunks = []
         try:
@@ -42,15 +41,6 @@ def raw(svc: Service, payload: bytes, then_wait_s: float = 10.0) -> bytes:
         except (TimeoutError, ConnectionResetError):
             pass
     return b"".join(chunks)
-
-
-def answers_normally(svc: Service) -> None:
-    r = httpx.post(svc.base_url + "/rank", json={"user_id": "after", "candidates": [1, 2]})
-    assert r.status_code == 200
-
-
-def status(reply: bytes) -> int:
-    return int(reply[9:12]) if reply.startswith(b"HTTP/1.1 ") else 0
 
 
 def test_deeply_nested_json_is_a_422(svc: Service) -> None:

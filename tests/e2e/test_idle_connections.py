@@ -12,8 +12,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from e2e.raw_http import answers_normally, connect, status
 from e2e.uvicorn_proc import Service, start_service
 
 from service.store.embedded_redis import RedisServer
@@ -39,11 +39,6 @@ def svc(
     assert service.stop(), log.read_text()[-3000:]
 
 
-def connect(svc: Service) -> socket.socket:
-    url = httpx.URL(svc.base_url)
-    return socket.create_connection((url.host, url.port or 80), timeout=5.0)
-
-
 def until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, str]:
     """Read until the server closes (`eof` or `reset`) or `limit_s` passes (`open`)."""
     deadline = time.monotonic() + limit_s
@@ -60,10 +55,6 @@ def until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, str]:
     except ConnectionResetError:
         return data, "reset"
     return data, "open"
-
-
-def status(reply: bytes) -> int:
-    return int(reply[9:12]) if reply.startswith(b"HTTP/1.1 ") else 0
 
 
 def rank_request(user: str) -> bytes:
@@ -94,13 +85,6 @@ def read_response(sock: socket.socket) -> int:
         body += chunk
     assert len(body) == length, "more than one response"
     return status(head)
-
-
-def answers_normally(svc: Service) -> None:
-    r = httpx.post(
-        svc.base_url + "/rank", json={"user_id": "after", "candidates": [1, 2]}, timeout=10
-    )
-    assert r.status_code == 200
 
 
 def test_a_connection_that_sends_nothing_is_closed(svc: Service) -> None:

@@ -178,7 +178,7 @@ def test_rss_and_state_cache_stay_bounded_over_20x_the_cache_in_users(
             s: svc.metric("ifa_state_source_total", source=s) for s in ("local", "redis", "build")
         }
         pushed = svc.metric("ifa_push_invalidations_total")
-        hwm = _vm_hwm_mib(svc.pid)
+        hwm = proc_rss_mib(svc.pid, "VmHWM")
     finally:
         clean = svc.stop()
     leak_mib = (USERS - CACHE_SIZE) * size / MIB  # one state kept per user new since then
@@ -203,10 +203,3 @@ def test_rss_and_state_cache_stay_bounded_over_20x_the_cache_in_users(
     assert bound - 1 <= entries <= bound, (entries, bound)
     assert growth < LEAK_SHARE * leak_mib, (growth, leak_mib)
     assert clean, svc.log()[-2000:]
-
-
-def _vm_hwm_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
