@@ -42,10 +42,16 @@ class RankContext:
     cache_result: str | None = None  # hit, refresh, miss (None: Redis was not reached)
     state_source: str | None = None  # local, redis, build
     forget_mark: int = 0  # Forgotten.mark() as the state lookup began (set by the resolver)
+    admitted: float = field(default_factory=time.perf_counter)  # perf_counter() seconds
 
     @property
     def version(self) -> str:
         return self.slot.runtime.version
+
+    def around_ms(self) -> float:
+        """Since admission, the time outside the Redis, state and scorer stages."""
+        tm = self.timings
+        return (time.perf_counter() - self.admitted) * 1e3 - tm.redis - tm.state - tm.score
 
     def remaining_ms(self) -> float:
         return (self.deadline - time.perf_counter()) * 1e3

@@ -3,8 +3,10 @@ from N events and reading N records from Redis are expected to take.
 
 Scoring and building are fitted (a + b·x) on the timings the runtime measures at warm-up;
 reading is a moving average of the bulk reads actually made, and the scorer's fit is
-scaled by how much slower inline calls actually run under load (`score_ms_now`). The
-inference pool keeps its own queue estimate (how long a job waits, not how long it runs).
+scaled by how much slower inline calls actually run under load (`score_ms_now`). What an
+answer costs beyond its state and scorer (ordering, serialisation, the envelope) is a
+moving average of the answers made (`rest_ms_now` adds it). The inference pool keeps its
+own queue estimate (how long a job waits, not how long it runs).
 """
 
 from __future__ import annotations
@@ -17,7 +19,28 @@ READ_MS_PER_RECORD = 3e-5  # the guess before the first bulk read
 READ_EWMA = 0.2  # weight of a new read in the moving average
 MIN_READ_SAMPLE = 1000  # records: shorter reads are dominated by the round trip
 SCORE_EWMA = 0.05  # weight of a new inline scorer call in the load factor
+AROUND_EWMA = 0.05  # weight of a new answer in the time around the scorer
 MAX_SCORE_LOAD = 10.0
+# Plans take an observed cost at its mean plus this many mean absolute deviations: at the
+# mean, about half the answers admitted with little budget to spare would finish late.
+SPREAD = 2.0
+
+
+@dataclass
+class Observed:
+    """A moving average and a moving mean absolute deviation around it."""
+
+    mean: float
+    weight: float
+    dev: float = 0.0
+
+    def add(self, x: float) -> None:
+        self.dev += self.weight * (abs(x - self.mean) - self.dev)
+        self.mean += self.weight * (x - self.mean)
+
+    def high(self) -> float:
+        """What to plan with: the mean and SPREAD deviations."""
+        return self.mean + SPREAD * self.dev
 
 
 @dataclass
@@ -49,10 +72,13 @@ class CostModel:
     build_per_event_ms: float = 0.002
     chunk_events: int = 16_384
     read_ms_per_record: float = READ_MS_PER_RECORD
-    # Observed / fitted scorer time (moving average, >= 1): the fit is taken on an idle
-    # process at warm-up, and under load the same call takes about twice as long (shared
-    # caches, the other core busy). Admission plans with the observed time.
-    score_load: float = 1.0
+    # Observed / fitted scorer time (>= 1): the fit is taken on an idle process at
+    # warm-up, and under load the same call takes about twice as long (shared caches, the
+    # other core busy). Admission plans with the observed time.
+    score_load: Observed = field(default_factory=lambda: Observed(1.0, SCORE_EWMA))
+    # ms an answer takes after admission beyond its Redis, state and scorer stages: the
+    # ordering, the answer's serialisation and the Python around them.
+    around: Observed = field(default_factory=lambda: Observed(0.0, AROUND_EWMA))
 
     @classmethod
     def from_warmup(cls, w: Warmup) -> CostModel:
@@ -71,12 +97,21 @@ class CostModel:
 
     def score_ms_now(self, candidates: int) -> float:
         """What scoring M candidates takes at the moment (the fit times the load factor)."""
-        return self.score_ms(candidates) * self.score_load
+        return self.score_ms(candidates) * self.score_load.high()
+
+    def rest_ms_now(self, candidates: int) -> float:
+        """What an answer still costs once its state is in hand: the scorer at the
+        moment and the work around it."""
+        return self.score_ms_now(candidates) + self.around.high()
+
+    def observe_around(self, ms: float) -> None:
+        """An answer that took `ms` after admission beyond its Redis, state and scorer."""
+        self.around.add(max(ms, 0.0))
 
     def observe_score(self, candidates: int, ms: float) -> None:
         """An inline scorer call (no queue in it) that took `ms`."""
         ratio = min(max(ms / self.score_ms(candidates), 1.0), MAX_SCORE_LOAD)
-        self.score_load += SCORE_EWMA * (ratio - self.score_load)
+        self.score_load.add(ratio)
 
     def build_ms(self, events: int) -> float:
         if events <= 0:

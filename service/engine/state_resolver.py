@@ -208,7 +208,7 @@ class StateResolver:
         waited = ctx.timings.queue
         if waited < self.settings.shed_min_wait_ms:
             return True
-        need = waited + ROUND_TRIP_MS + ctx.slot.cost.score_ms_now(ctx.candidates)
+        need = waited + ROUND_TRIP_MS + ctx.slot.cost.rest_ms_now(ctx.candidates)
         return ctx.remaining_ms() >= need
 
     def _current(self, user: str, mark: int) -> bool:
@@ -249,7 +249,7 @@ class StateResolver:
         slot, user, tm = ctx.slot, ctx.user, ctx.timings
         start = base.n if base is not None else 0
         k = length - start
-        available = ctx.remaining_ms() - slot.cost.score_ms_now(ctx.candidates)
+        available = ctx.remaining_ms() - slot.cost.rest_ms_now(ctx.candidates)
         flight = slot.cache.flight(user)
         if flight is None:
             fits = self._estimate_ms(slot, k) <= available
@@ -310,7 +310,7 @@ class StateResolver:
         the answer's state and the recent events' own state (None when Redis failed)."""
         slot, user, tm = ctx.slot, ctx.user, ctx.timings
         start = base.n if base is not None else 0
-        available = ctx.remaining_ms() - slot.cost.score_ms_now(ctx.candidates)
+        available = ctx.remaining_ms() - slot.cost.rest_ms_now(ctx.candidates)
         n = self._fit(slot, available, length - start)
         info = _Build()
         try:

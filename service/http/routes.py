@@ -123,6 +123,7 @@ async def rank(request: Request) -> Response:
     t = time.perf_counter()
     payload = rank_answer(result)
     result.timings.serialize = (time.perf_counter() - t) * 1e3
+    use_case.answered(result.context)
     state.metrics.observe_rank(result.context)  # the one place an answer's metrics go
     if state.impressions is not None:  # queued only: the log is written off the path
         state.impressions.offer_impression(

@@ -4,8 +4,9 @@ The degradation ladder (docs/design.md §6), in the order a request meets it:
 
     overloaded     in-flight >= IFA_MAX_INFLIGHT, or the time already waited since the
                    request arrived (the `queue` stage: event loop, body) plus the
-                   inference queue's wait is at least IFA_SHED_MIN_WAIT_MS and, with the
-                   scorer's own time, past the budget: `Overloaded` (503 + Retry-After)
+                   inference queue's wait is at least IFA_SHED_MIN_WAIT_MS and, with what
+                   the answer still costs (the scorer as it runs now and the work around
+                   it, both observed), past the budget: `Overloaded` (503 + Retry-After)
                    at once. (A budget too small for the work but not spent waiting is
                    the ladder's to degrade, not a reason to shed.) Also a user with no
                    cached state whose Redis read cannot come back within the budget
@@ -101,7 +102,7 @@ class RankUseCase:
         wait_ms = queued_ms + self.pool.expected_wait_ms()
         late = (
             wait_ms >= self.settings.shed_min_wait_ms
-            and wait_ms + slot.cost.score_ms_now(len(candidates)) > budget
+            and wait_ms + slot.cost.rest_ms_now(len(candidates)) > budget
         )
         if self.inflight >= self.settings.max_inflight or late:
             self.metrics.degraded.labels("overloaded", slot.version).inc()
@@ -122,6 +123,11 @@ class RankUseCase:
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
+
+    def answered(self, ctx: RankContext) -> None:
+        """The answer of `ctx` is serialised: what it took around its stages is what
+        admission plans for the next ones."""
+        ctx.slot.cost.observe_around(ctx.around_ms())
 
     async def _rank(
         self,

@@ -41,3 +41,22 @@ def test_reads_refine_the_per_record_estimate_and_short_reads_are_ignored() -> N
     for _ in range(50):
         cost.observe_read(100_000, 4.0)  # 4e-5 ms a record
     assert cost.read_ms_per_record == pytest.approx(4e-5, rel=1e-3)
+
+
+def test_what_an_answer_still_costs_is_the_scorer_now_and_the_work_around_it() -> None:
+    cost = CostModel(score_fixed_ms=0.5, score_per_candidate_ms=0.001)
+    assert cost.rest_ms_now(500) == pytest.approx(1.0)  # nothing observed yet: the fit
+    for _ in range(200):
+        cost.observe_score(500, 2.0)  # the scorer runs twice as slow under load
+        cost.observe_around(0.6)  # ordering, serialisation, the envelope
+    assert cost.score_ms_now(500) == pytest.approx(2.0, rel=1e-3)
+    assert cost.rest_ms_now(500) == pytest.approx(2.6, rel=1e-3)
+    cost.observe_around(-1.0)  # a clock read out of order counts as nothing, not less
+    assert cost.around.mean >= 0
+    noisy = CostModel(score_fixed_ms=0.5, score_per_candidate_ms=0.001)
+    for i in range(400):  # the same mean, half the calls far slower: plan above the mean
+        noisy.observe_score(500, 1.0 if i % 2 else 3.0)
+        noisy.observe_around(0.2 if i % 2 else 1.0)
+    assert noisy.score_load.mean == pytest.approx(2.0, rel=0.05)
+    assert noisy.score_ms_now(500) > 1.5 * cost.score_ms_now(500)
+    assert noisy.rest_ms_now(500) > noisy.score_ms_now(500) + 0.6 + 0.5

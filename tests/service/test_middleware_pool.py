@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 from svc_helpers import registry_value
 
 from service.engine.pool import InferencePool
 from service.http.middleware import (
+    ARRIVED,
     BodyLimitMiddleware,
     RequestMetricsMiddleware,
     install_error_handlers,
@@ -81,6 +84,25 @@ def test_request_metrics_count_rank_outcomes_and_skip_health() -> None:
         )
         is None
     )  # health and metrics endpoints are not requests
+
+
+def test_request_duration_runs_from_the_arrival_stamp() -> None:
+    """Under `ifa-rank serve` the protocol stamps a request as its first byte is parsed;
+    the wait for the event loop before any middleware runs is part of its duration."""
+    metrics = Metrics()
+    app = bare_app(metrics)
+
+    async def stamped(scope: Scope, receive: Receive, send: Send) -> None:
+        scope.setdefault("state", {})[ARRIVED] = time.perf_counter() - 0.050  # waited 50 ms
+        await app(scope, receive, send)
+
+    with TestClient(stamped) as client:
+        assert client.post("/rank", content=b"ok").status_code == 200
+    took = sample(metrics, "ifa_rank_request_duration_seconds_sum", outcome="ok")
+    assert took >= 0.050
+    with TestClient(bare_app(fresh := Metrics())) as client:  # no stamp: from the middleware
+        client.post("/rank", content=b"ok")
+    assert sample(fresh, "ifa_rank_request_duration_seconds_sum", outcome="ok") < 0.050
 
 
 def test_pool_reports_its_backlog_and_returns_results_and_errors() -> None:

@@ -378,6 +378,27 @@ def test_the_wait_counts_as_the_queue_stage_and_against_the_budget() -> None:
     assert result.context.deadline == pytest.approx(arrived + 1.0)
 
 
+def test_admission_plans_for_the_work_around_the_scorer_too() -> None:
+    """A request whose wait and scorer fit the budget but not the time its answer takes
+    around the scorer (observed on earlier answers) is shed: admitted, it would answer
+    late. The observation is what `answered` records once an answer is serialised."""
+    uc, _ = use_case(shed_min_wait_ms=1)
+    slot = uc.registry.slot
+    assert slot is not None
+    score_ms = slot.cost.rest_ms_now(2)
+    fits_scorer = time.perf_counter() - (10.0 - score_ms - 1.0) / 1e3  # 1 ms to spare
+    assert asyncio.run(uc.rank(USER, [1, 2], budget_ms=10, arrived=fits_scorer)).item_ids.size
+    for _ in range(200):
+        slot.cost.observe_around(3.0)
+    fits_scorer = time.perf_counter() - (10.0 - score_ms - 1.0) / 1e3
+    with pytest.raises(Overloaded):
+        asyncio.run(uc.rank(USER, [1, 2], budget_ms=10, arrived=fits_scorer))
+    result = asyncio.run(uc.rank(USER, [1, 2], budget_ms=1000))
+    before = slot.cost.around.mean
+    uc.answered(result.context)  # a fast answer pulls the estimate down
+    assert slot.cost.around.mean < before
+
+
 def test_a_tiny_budget_not_spent_waiting_is_degraded_not_shed() -> None:
     uc, _ = use_case(shed_min_wait_ms=10)
     result = asyncio.run(uc.rank(USER, [1, 2], budget_ms=0.001))  # arrived just now
