@@ -274,6 +274,7 @@ def create_app(settings: Settings) -> FastAPI:
                 on_dropped=lambda reason, n: metrics.impressions_dropped.labels(reason).inc(n),
                 mark=forgotten.mark,
                 forgotten_since=forgotten.since,
+                linger_s=settings.impression_linger_ms / 1e3,
             )
             impressions.start()
         app.state.impressions = impressions

@@ -144,8 +144,10 @@ class ImpressionLog:
         on_dropped: Callable[[str, int], None],
         mark: Callable[[], int] = lambda: 0,
         forgotten_since: Callable[[str, int], bool] = lambda user, mark: False,
+        linger_s: float = 0.0,
     ) -> None:
         self.client = client
+        self.linger_s = linger_s
         self.shards = max(1, shards)
         self.max_len = max_len
         self.sample_rate = sample_rate
@@ -206,6 +208,11 @@ class ImpressionLog:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            if self.linger_s > 0 and self._queue.qsize() < BATCH - 1:
+                # A pipeline's cost to the loop is mostly per call, not per record (one
+                # record alone: ~360 µs of CPU; each of 32 together: ~65 µs): let more
+                # records join before writing.
+                await asyncio.sleep(self.linger_s)
             while len(batch) < BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             keep = [r for r, m in batch if not self._forgotten_since(r.user_id, m)]

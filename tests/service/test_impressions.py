@@ -31,10 +31,12 @@ def redis_url(redis_any: str) -> str:
 class Counts:
     def __init__(self) -> None:
         self.logged = 0
+        self.writes: list[int] = []  # records per write, in order
         self.dropped: Counter[str] = Counter()
 
     def on_logged(self, n: int) -> None:
         self.logged += n
+        self.writes.append(n)
 
     def on_dropped(self, reason: str, n: int) -> None:
         self.dropped[reason] += n
@@ -54,11 +56,14 @@ def run_log(url: str, fn: Any, **kw: Any) -> Counts:
             timeout_s=1.0,
             on_logged=counts.on_logged,
             on_dropped=counts.on_dropped,
+            linger_s=kw.get("linger_s", 0.0),
         )
         if kw.get("start", True):
             log.start()
         try:
-            fn(log)
+            done = fn(log)
+            if asyncio.iscoroutine(done):
+                await done
         finally:
             await log.close(10.0)
             await client.aclose()
@@ -92,6 +97,22 @@ def test_impressions_and_clicks_land_in_the_users_shard(redis_url: str) -> None:
         imp[b"v"] == b"v1" and imp[b"deg"] == b"" and abs(int(imp[b"ts"]) / 1e3 - time.time()) < 60
     )
     assert mine[-1][b"type"] == b"click" and mine[-1][b"item"] == b"1"
+
+
+@pytest.mark.parametrize("linger_s", [0.0, 0.5])
+def test_the_writer_lets_records_gather_for_its_linger(redis_url: str, linger_s: float) -> None:
+    """A record found alone waits `linger_s` for others to share its write (a write's
+    cost to the event loop is mostly per call); without a linger it is written at once."""
+
+    async def go(log: ImpressionLog) -> None:
+        log.offer_impression("r0", "u0", "v1", None, [1], [0.5])
+        await asyncio.sleep(0.01)  # the writer takes it: lingering, or writing it alone
+        for i in range(1, 10):
+            log.offer_impression(f"r{i}", f"u{i}", "v1", None, [1], [0.5])
+
+    counts = run_log(redis_url, go, linger_s=linger_s)
+    assert counts.logged == 10 and sum(stream_lengths(redis_url, 4)) == 10
+    assert counts.writes == ([10] if linger_s else [1, 9]), counts.writes
 
 
 def test_bounded_stream_full_queue_and_a_dead_redis_drop_and_count() -> None:
