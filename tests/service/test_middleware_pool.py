@@ -102,7 +102,7 @@ def test_request_duration_runs_from_the_arrival_stamp() -> None:
     assert took >= 0.050
     with TestClient(bare_app(fresh := Metrics())) as client:  # no stamp: from the middleware
         client.post("/rank", content=b"ok")
-    assert sample(fresh, "ifa_rank_request_duration_seconds_sum", outcome="ok") < 0.050
+    assert sample(fresh, "ifa_rank_request_duration_seconds_sum", outcome="ok") < took
 
 
 def test_pool_reports_its_backlog_and_returns_results_and_errors() -> None:
