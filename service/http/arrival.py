@@ -33,6 +33,7 @@ once per timeout while the connection lives. The parser callbacks are not touche
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import ClassVar, Final
@@ -139,7 +140,9 @@ class ArrivalHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer = self.loop.call_later(since + timeout - now, self._check_head)
         else:
             if began:
-                self._answer_and_close(408, b"Request head not received in time")
+                self._answer_and_close(
+                    408, f"request head not received within {timeout:g} s (IFA_HEADER_TIMEOUT_S)"
+                )
             else:
                 transport.close()
 
@@ -147,7 +150,11 @@ class ArrivalHttpToolsProtocol(HttpToolsProtocol):
         """Over IFA_MAX_CONNECTIONS: 503 and close, before anything is read. (A client
         whose request already arrived may see a reset instead of the 503.)"""
         self.connections.discard(self)  # the count is of the connections kept
-        self._answer_and_close(503, b"Too many connections", (b"retry-after", b"1"))
+        self._answer_and_close(
+            503,
+            f"too many connections (IFA_MAX_CONNECTIONS={self.limits()[1]}); retry later",
+            (b"retry-after", b"1"),
+        )
         cls = type(self)
         cls._refused += 1
         now = time.monotonic()
@@ -159,15 +166,18 @@ class ArrivalHttpToolsProtocol(HttpToolsProtocol):
             )
             cls._refused, cls._refused_logged_at = 0, now
 
-    def _answer_and_close(self, status: int, text: bytes, *headers: tuple[bytes, bytes]) -> None:
+    def _answer_and_close(self, status: int, detail: str, *headers: tuple[bytes, bytes]) -> None:
+        """The app's error shape (`{"detail": ...}`, as every other error answer), then
+        close: these are written before (or instead of) any request reaching the app."""
+        body = json.dumps({"detail": detail}).encode()
         lines: list[bytes] = [b"HTTP/1.1 %d %s" % (status, _PHRASES[status])]
         lines += [b"%s: %s" % h for h in (*self.server_state.default_headers, *headers)]
         lines += [
-            b"content-type: text/plain; charset=utf-8",
-            b"content-length: %d" % len(text),
+            b"content-type: application/json",
+            b"content-length: %d" % len(body),
             b"connection: close",
             b"",
-            text,
+            body,
         ]
         self.transport.write(b"\r\n".join(lines))
         self.transport.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import httpx
@@ -16,6 +17,15 @@ def connect(svc: Service, timeout_s: float = 5.0) -> socket.socket:
 def status(reply: bytes) -> int:
     """The status of a raw HTTP/1.1 reply (0: none)."""
     return int(reply[9:12]) if reply.startswith(b"HTTP/1.1 ") else 0
+
+
+def json_detail(reply: bytes) -> str:
+    """The `detail` of a raw reply's JSON error body (the app's error shape)."""
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), head
+    detail = json.loads(body)["detail"]
+    assert isinstance(detail, str), detail
+    return detail
 
 
 def answers_normally(svc: Service) -> None:

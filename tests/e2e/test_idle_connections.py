@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e.raw_http import answers_normally, connect, status
+from e2e.raw_http import answers_normally, connect, json_detail, status
 from e2e.uvicorn_proc import Service, start_service
 
 from service.store.embedded_redis import RedisServer
@@ -118,6 +118,8 @@ def test_slow_headers_are_closed_with_a_408(svc: Service) -> None:
     print(f"\nslow headers ({sent} bytes dripped): {how} after {took:.2f} s, {reply[:30]!r}")
     assert how in ("eof", "reset"), how
     assert reply == b"" or status(reply) == 408, reply[:200]
+    if reply:
+        assert "request head not received" in json_detail(reply), reply
     assert HEAD_TIMEOUT_S * 0.5 <= took <= HEAD_TIMEOUT_S + SLACK_S
     answers_normally(svc)
 
@@ -135,6 +137,8 @@ def test_a_head_stalled_after_a_response_is_closed_with_a_408(svc: Service) -> N
     print(f"\nhead stalled after a response: {how} after {took:.2f} s, {reply[:30]!r}")
     assert how in ("eof", "reset"), how
     assert status(reply) == 408 or reply == b"", reply[:200]
+    if reply:
+        assert "request head not received" in json_detail(reply), reply
     assert took >= HEAD_TIMEOUT_S * 0.5
     answers_normally(svc)
 
@@ -156,6 +160,7 @@ def test_connections_over_the_cap_are_refused_and_idle_ones_closed(svc: Service)
         assert reply == b"" or status(reply) == 503, reply[:200]
         if reply:
             assert b"retry-after: 1" in reply.lower()
+            assert json_detail(reply).startswith("too many connections"), reply
 
         # The refused ones were answered at once; the others hold until the head timeout.
         closed_at: dict[int, float] = {}
