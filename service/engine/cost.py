@@ -4,7 +4,7 @@ from N events and reading N records from Redis are expected to take.
 Scoring and building are fitted (a + b·x) on the timings the runtime measures at warm-up;
 reading is a moving average of the bulk reads actually made, and the scorer's fit is
 scaled by how much slower inline calls actually run under load (`score_ms_now`). What an
-answer costs beyond its state and scorer (ordering, serialisation, the envelope) is a
+answer costs beyond its state and scorer (serialisation, the envelope, the metrics) is a
 moving average of the answers made (`rest_ms_now` adds it). The inference pool keeps its
 own queue estimate (how long a job waits, not how long it runs).
 """
@@ -77,7 +77,8 @@ class CostModel:
     # other core busy). Admission plans with the observed time.
     score_load: Observed = field(default_factory=lambda: Observed(1.0, SCORE_EWMA))
     # ms an answer takes after admission beyond its Redis, state and scorer stages: the
-    # ordering, the answer's serialisation and the Python around them.
+    # answer's serialisation, its envelope and metrics, and the Python around them (the
+    # ordering is in the scorer's stage).
     around: Observed = field(default_factory=lambda: Observed(0.0, AROUND_EWMA))
 
     @classmethod

@@ -33,14 +33,13 @@ once per timeout while the connection lives. The parser callbacks are not touche
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import ClassVar, Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.http.middleware import ARRIVED
+from service.http.middleware import ARRIVED, error_response
 from service.settings import Settings
 
 MAX_HEADER_BYTES: Final = 32 * 1024
@@ -167,17 +166,17 @@ class ArrivalHttpToolsProtocol(HttpToolsProtocol):
             cls._refused, cls._refused_logged_at = 0, now
 
     def _answer_and_close(self, status: int, detail: str, *headers: tuple[bytes, bytes]) -> None:
-        """The app's error shape (`{"detail": ...}`, as every other error answer), then
-        close: these are written before (or instead of) any request reaching the app."""
-        body = json.dumps({"detail": detail}).encode()
+        """The app's error answer (`error_response`), written before (or instead of) any
+        request reaching the app, then close."""
+        answer = error_response(status, detail)
         lines: list[bytes] = [b"HTTP/1.1 %d %s" % (status, _PHRASES[status])]
         lines += [b"%s: %s" % h for h in (*self.server_state.default_headers, *headers)]
         lines += [
-            b"content-type: application/json",
-            b"content-length: %d" % len(body),
+            b"content-type: %s" % str(answer.media_type).encode(),
+            b"content-length: %d" % len(answer.body),
             b"connection: close",
             b"",
-            body,
+            bytes(answer.body),
         ]
         self.transport.write(b"\r\n".join(lines))
         self.transport.close()
