@@ -274,15 +274,30 @@ class ModelInfo(BaseModel):
     )
 
 
+_SCORE_KEY: Final = b',"score":'
+_NEXT_ITEM: Final = b'},{"item_id":'
+
+
 def items_json(item_ids: np.ndarray, scores: np.ndarray) -> bytes:
     """`[{"item_id": i, "score": s}, ...]` as orjson writes it from Python objects, built
     from the two arrays without a Python object per item: orjson writes each array in C,
-    and the texts are interleaved by C-level joins. Byte for byte what dumping the list of
-    dicts gives (tested), in about 60 % of its time at M = 500."""
+    and one C-level join interleaves the texts with the constant glue (the glue's slots
+    filled by slice assignment, not a join per item). Byte for byte what dumping the list
+    of dicts gives (tested), in about half of its time at M = 500."""
+    if len(item_ids) == 0 and len(scores) == 0:
+        return b"[]"
     ids = orjson.dumps(np.ascontiguousarray(item_ids, np.int64), option=_NUMPY)[1:-1]
     probs = orjson.dumps(np.ascontiguousarray(scores, np.float64), option=_NUMPY)[1:-1]
-    pairs = map(b',"score":'.join, zip(ids.split(b","), probs.split(b","), strict=True))
-    return b'[{"item_id":' + b'},{"item_id":'.join(pairs) + b"}]"
+    id_texts, score_texts = ids.split(b","), probs.split(b",")
+    m = len(id_texts)
+    if len(score_texts) != m:
+        raise ValueError(f"{m} item ids but {len(score_texts)} scores")
+    parts = [_SCORE_KEY] * (4 * m)  # id, ',"score":', score, '},{"item_id":' per item
+    parts[0::4] = id_texts
+    parts[2::4] = score_texts
+    parts[3::4] = [_NEXT_ITEM] * m
+    parts[-1] = b"}]"
+    return b'[{"item_id":' + b"".join(parts)
 
 
 def rank_answer(result: RankResult) -> bytes:

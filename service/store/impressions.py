@@ -14,8 +14,9 @@ A user's records go to one shard (a stable hash of the user id), so a user's imp
 are in one stream and, on a cluster, the shards (each its own hash tag) spread over the
 primaries. `offer` never waits and never fails: it samples, then puts the record on a
 bounded queue; a full queue drops the record (counted). One background task writes
-batches with `XADD ... MAXLEN ~ <max_len>` (bounded: the oldest entries are trimmed);
-Redis down or slow drops the batch (counted), never a request. Read back by
+batches: per stream, one call of a Lua script that runs `XADD ... MAXLEN ~ <max_len>`
+(bounded: the oldest entries are trimmed) for each record, framed by `frame`. Redis down
+or slow drops what was not written (counted), never a request. Read back by
 `model_export.data.served` (`ifa-rank logs export`).
 """
 
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,11 +37,42 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 STREAM_PREFIX: Final = "ifa:imp:"
-# Records per pipeline. redis-py packs a pipeline on the event loop in one go, about
-# 20 us a record at M = 500 (22 arguments, 6 KB): 256 stalled every request in flight
-# for ~5 ms (and sent 1.6 MB at once), 32 for ~0.6 ms; the round trips saved beyond 32
-# are worth less than that tail.
+# Records per write. The write is packed on the event loop in one go (when it was a
+# redis-py pipeline of XADDs, 256 records stalled every request in flight for ~5 ms and
+# sent 1.6 MB at once); the round trips saved beyond 32 are worth less than that tail.
 BATCH: Final = 32
+
+# KEYS[1]: a stream. ARGV[1]: the MAXLEN ~ bound. ARGV[2..]: one record each, as `frame`
+# writes it. One argument per record instead of 22: redis-py's packing and reply parsing
+# cost the event loop ~60 us a record in a pipeline of XADDs, ~15-25 us this way (the
+# unpacking runs in Redis).
+_WRITE_LUA: Final = """
+local bound = ARGV[1]
+for i = 2, #ARGV do
+  local rec = ARGV[i]
+  local n = struct.unpack('<I4', rec)
+  local cmd = {'XADD', KEYS[1], 'MAXLEN', '~', bound, '*'}
+  local at = 5 + 4 * n
+  for j = 1, n do
+    local len = struct.unpack('<I4', rec, 1 + 4 * j)
+    cmd[6 + j] = string.sub(rec, at, at + len - 1)
+    at = at + len
+  end
+  redis.call(unpack(cmd))
+end
+return #ARGV - 1
+"""
+
+
+def frame(fields: dict[str, bytes | str | int]) -> bytes:
+    """A stream entry's fields as one string for `_WRITE_LUA`: a little-endian uint32
+    count n, n uint32 lengths, then the n strings (field, value, field, value, ...);
+    str as UTF-8 and int in decimal, as redis-py would send them."""
+    parts: list[bytes] = []
+    for name, value in fields.items():
+        parts.append(name.encode())
+        parts.append(value if isinstance(value, bytes) else str(value).encode())
+    return struct.pack(f"<{len(parts) + 1}I", len(parts), *map(len, parts)) + b"".join(parts)
 
 
 def stream_key(shard: int) -> str:
@@ -147,6 +180,7 @@ class ImpressionLog:
         linger_s: float = 0.0,
     ) -> None:
         self.client = client
+        self._xadd = client.register_script(_WRITE_LUA)
         self.linger_s = linger_s
         self.shards = max(1, shards)
         self.max_len = max_len
@@ -220,8 +254,11 @@ class ImpressionLog:
                 self._on_dropped("forgotten", len(batch) - len(keep))
             try:
                 if keep:
-                    await self._write(keep)
-                    self._on_logged(len(keep))
+                    lost = await self._write(keep)
+                    if lost:
+                        self._on_dropped("redis", lost)
+                    if lost < len(keep):
+                        self._on_logged(len(keep) - lost)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # Redis down, slow or refusing: the log gives way
@@ -231,10 +268,21 @@ class ImpressionLog:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _write(self, batch: list[Record]) -> None:
+    async def _write(self, batch: list[Record]) -> int:
+        """One script call per stream, concurrently; returns how many records were not
+        written (their stream's call failed). A timeout raises: the whole batch counts."""
+        streams: dict[str, list[bytes]] = {}
+        for record in batch:
+            key = stream_key(shard_of(record.user_id, self.shards))
+            streams.setdefault(key, []).append(frame(record.fields()))
         async with asyncio.timeout(self.timeout_s):
-            pipe = self.client.pipeline(transaction=False)
-            for record in batch:
-                key = stream_key(shard_of(record.user_id, self.shards))
-                pipe.xadd(key, record.fields(), maxlen=self.max_len, approximate=True)
-            await pipe.execute()
+            done = await asyncio.gather(
+                *(self._xadd(keys=[k], args=[self.max_len, *recs]) for k, recs in streams.items()),
+                return_exceptions=True,
+            )
+        lost = 0
+        for recs, result in zip(streams.values(), done, strict=True):
+            if isinstance(result, BaseException):
+                log.debug("impression log: %d records dropped: %s", len(recs), result)
+                lost += len(recs)
+        return lost

@@ -137,12 +137,14 @@ def push_and_strict(
     url: str, artifacts: Path, **push_overrides: Any
 ) -> Iterator[tuple[TestClient, TestClient]]:
     """Two apps (replicas) on one Redis: the default push warm check (with the given
-    settings) and a strict one, whose answers are the reference."""
+    settings) and a strict one, whose answers are the reference. Their impression logs
+    are off: the log's writes are script calls too, and these tests count the ranker's."""
+    quiet = {"impression_log": False}
     with ExitStack() as stack:
         push = stack.enter_context(
-            TestClient(create_app(make_settings(url, artifacts, **push_overrides)))
+            TestClient(create_app(make_settings(url, artifacts, **quiet, **push_overrides)))
         )
         strict = stack.enter_context(
-            TestClient(create_app(make_settings(url, artifacts, warm_check="strict")))
+            TestClient(create_app(make_settings(url, artifacts, **quiet, warm_check="strict")))
         )
         yield push, strict

@@ -34,3 +34,10 @@ def test_items_json_edge_values() -> None:
     assert orjson.loads(items_json(ids[:1], scores[:1])) == [{"item_id": 0, "score": 0.0}]
     view = np.arange(10, dtype=np.int64)[::-2]  # a strided view, as slicing can give
     assert items_json(view, np.linspace(0, 1, 5)) == reference(view, np.linspace(0, 1, 5))
+
+
+def test_items_json_of_no_items_and_of_mismatched_arrays() -> None:
+    empty = np.zeros(0, np.int64)
+    assert items_json(empty, np.zeros(0)) == reference(empty, np.zeros(0)) == b"[]"
+    with pytest.raises(ValueError, match="3 item ids but 2 scores"):
+        items_json(np.arange(3), np.array([0.1, 0.2]))

@@ -18,7 +18,15 @@ from svc_helpers import ClusterUrl, sync_redis
 from ifa_common.records import make_events, pack
 from model_export.data.logs import load_log
 from model_export.data.served import export_served
-from service.store.impressions import Click, ImpressionLog, sampled, shard_of, stream_key
+from service.store.impressions import (
+    Click,
+    Impression,
+    ImpressionLog,
+    frame,
+    sampled,
+    shard_of,
+    stream_key,
+)
 from service.store.redis_store import make_client, seq_key
 
 
@@ -113,6 +121,56 @@ def test_the_writer_lets_records_gather_for_its_linger(redis_url: str, linger_s:
     counts = run_log(redis_url, go, linger_s=linger_s)
     assert counts.logged == 10 and sum(stream_lengths(redis_url, 4)) == 10
     assert counts.writes == ([10] if linger_s else [1, 9]), counts.writes
+
+
+def test_the_script_writes_the_entry_xadd_would(redis_url: str) -> None:
+    """The writer frames each record into one string and a Lua script XADDs it: the
+    entry's fields must be byte for byte those of an XADD of the record's fields."""
+    click = Click("r-é", "u:1@x", 2**62, 1_700_000_000, 3)  # non-ASCII, a large int
+
+    def go(log: ImpressionLog) -> None:
+        log.offer_impression("r1", "u0", "v1", "stale_state", [3, 1, 2], [0.9, 0.5, 0.1])
+        log.offer_click(click)
+
+    counts = run_log(redis_url, go, shards=1)
+    assert counts.logged == 2
+    with sync_redis(redis_url) as r:
+        got = [f for _, f in r.xrange(stream_key(0))]
+        ts = int(got[0][b"ts"])  # the one field the test cannot know beforehand
+        imp = Impression.of("r1", "u0", ts, "v1", "stale_state", [3, 1, 2], [0.9, 0.5, 0.1])
+        for record in (imp, click):
+            r.xadd("reference:{0}", record.fields())
+        want = [f for _, f in r.xrange("reference:{0}")]
+    assert got == want
+    assert list(got[0]) == [b"type", b"rid", b"uid", b"ts", b"v", b"deg", b"items", b"scores"]
+
+
+def test_frame_counts_lengths_then_strings() -> None:
+    framed = frame({"a": b"xy", "n": 12, "s": "é"})
+    n, *lengths = np.frombuffer(framed[:28], "<u4").tolist()
+    assert n == 6 and lengths == [1, 2, 1, 2, 1, 2]
+    assert framed[28:] == b"axyn12s" + "é".encode()
+
+
+def test_a_stream_that_refuses_loses_only_its_own_records(redis_url: str) -> None:
+    """Per stream, one call: a stream Redis refuses (here a key of the wrong type) drops
+    its records, counted as `redis`, and the other streams' records are written."""
+    bad = shard_of("u0", 4)
+    with sync_redis(redis_url) as r:
+        r.set(stream_key(bad), "not a stream")
+    users = [f"u{i}" for i in range(40)]
+
+    def go(log: ImpressionLog) -> None:
+        for i, user in enumerate(users):
+            log.offer_impression(f"r{i}", user, "v1", None, [1], [0.5])
+
+    counts = run_log(redis_url, go)
+    lost = sum(shard_of(u, 4) == bad for u in users)
+    assert 0 < lost < len(users)
+    assert counts.dropped == Counter({"redis": lost}) and counts.logged == len(users) - lost
+    with sync_redis(redis_url) as r:
+        r.delete(stream_key(bad))
+    assert sum(stream_lengths(redis_url, 4)) == len(users) - lost
 
 
 def test_bounded_stream_full_queue_and_a_dead_redis_drop_and_count() -> None:
