@@ -293,7 +293,7 @@ def markdown(rep: dict[str, Any]) -> str:
 
 def variants_table(cl: dict[str, Any]) -> list[str]:
     """The interleaved variants (loadtest/bench_variants.py): a Redis Cluster beside one
-    Redis, the impression log off beside on."""
+    Redis, the impression log off beside on, requests started as read beside in order."""
     if not cl:
         return []
     if "error" in cl:
@@ -336,5 +336,25 @@ def variants_table(cl: dict[str, Any]) -> list[str]:
             f"| {conc} | {_fmt(off.get('p50_ms'))} / {_fmt(off.get('p99_ms'))} "
             f"| {_fmt(off.get('rps'), 0)} | {_fmt(on.get('p50_ms'))} / {_fmt(on.get('p99_ms'))} "
             f"| {_fmt(on.get('rps'), 0)} | {_fmt(cl.get(f'p50_ratio_impression_log_c{conc}'))} |"
+        )
+    unordered = [k for k in runs if k.startswith("redis_push_unordered_c")]
+    if unordered:
+        lines += [
+            "",
+            "Requests started in the order read, a few per event-loop iteration "
+            "(`IFA_STARTS_PER_ITERATION`, 1 by default) beside all of one read back to back, "
+            "in the same rounds (one Redis, push):",
+            "",
+            "| conc. | back to back p50 / p99 ms | req/s | in order p50 / p99 ms | req/s "
+            "| p99 in order / back to back |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+    for key in unordered:
+        conc = key.rpartition("_c")[2]
+        off, on = runs[key], runs.get(f"redis_push_c{conc}") or {}
+        lines.append(
+            f"| {conc} | {_fmt(off.get('p50_ms'))} / {_fmt(off.get('p99_ms'))} "
+            f"| {_fmt(off.get('rps'), 0)} | {_fmt(on.get('p50_ms'))} / {_fmt(on.get('p99_ms'))} "
+            f"| {_fmt(on.get('rps'), 0)} | {_fmt(cl.get(f'p99_ratio_ordered_starts_c{conc}'))} |"
         )
     return lines

@@ -33,6 +33,7 @@ from service.engine.registry import ModelRegistry
 from service.engine.slot import Runtime
 from service.engine.state_cache import StateWriteBack
 from service.engine.state_resolver import StateResolver
+from service.engine.turnstile import Turnstile
 from service.http.fast_path import RankApp, RouteErrors
 from service.http.middleware import (
     BodyLimitMiddleware,
@@ -260,7 +261,9 @@ def create_app(settings: Settings) -> FastAPI:
             inline_ms=settings.inline_score_ms,
             on_batch=metrics.score_batch_size.observe,
         )
-        app.state.rank = RankUseCase(settings, metrics, pool, registry, states, batcher)
+        per_iteration = settings.starts_per_iteration
+        turnstile = Turnstile(per_iteration) if per_iteration else None
+        app.state.rank = RankUseCase(settings, metrics, pool, registry, states, batcher, turnstile)
         impressions: ImpressionLog | None = None
         if settings.impression_log:
             impressions = ImpressionLog(

@@ -235,6 +235,16 @@ class Settings(BaseSettings):
         le=100_000,
         description="in-flight `/rank` at which new ones get 503 + `Retry-After` (≥ `IFA_INFER_WORKERS`)",
     )
+    starts_per_iteration: int = Field(
+        default=1,
+        ge=0,
+        le=1_000,
+        description="admitted `/rank` requests that start their work in one event-loop "
+        "iteration, the others waiting their turn in order while the loop reads its sockets "
+        "(a request arriving under load is seen, stamped and queued at once instead of "
+        "after every request read before it: a shorter tail, docs/service.md); 0: every "
+        "request of one read runs back to back",
+    )
     shed_min_wait_ms: float = Field(
         default=10.0,
         ge=0,

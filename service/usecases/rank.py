@@ -3,11 +3,14 @@
 The degradation ladder (docs/design.md §6), in the order a request meets it:
 
     overloaded     in-flight >= IFA_MAX_INFLIGHT, or the time already waited since the
-                   request arrived (the `queue` stage: event loop, body) plus the
-                   inference queue's wait is at least IFA_SHED_MIN_WAIT_MS and, with what
-                   the answer still costs (the scorer as it runs now and the work around
-                   it, both observed), past the budget: `Overloaded` (503 + Retry-After)
-                   at once. (A budget too small for the work but not spent waiting is
+                   request arrived (the `queue` stage: event loop, body) plus the wait
+                   for the requests queued ahead of it at the turnstile
+                   (engine/turnstile.py: IFA_STARTS_PER_ITERATION starts per loop iteration)
+                   plus the inference queue's wait is at least IFA_SHED_MIN_WAIT_MS and,
+                   with what the answer still costs (the scorer as it runs now and the
+                   work around it, both observed), past the budget: `Overloaded` (503 +
+                   Retry-After) at once; and again once its turn comes, the queue ahead
+                   having been an estimate. (A budget too small for the work but not spent waiting is
                    the ladder's to degrade, not a reason to shed.) Also a user with no
                    cached state whose Redis read cannot come back within the budget
                    (`NoTimeForRedis`: on a saturated loop the reply waits as long as
@@ -33,10 +36,15 @@ from service.engine.pool import InferencePool
 from service.engine.registry import ModelRegistry
 from service.engine.slot import ModelSlot
 from service.engine.state_resolver import NoTimeForRedis, StateResolver
+from service.engine.turnstile import Turnstile
 from service.metrics import Metrics
 from service.settings import Settings
 
 RETRY_AFTER_S: Final = 1
+# Past this share of requests shed at admission the turnstile is passed by (`_gated`);
+# the share is a moving average over admission decisions, each weighing SHARE_EWMA.
+OVERLOAD_SHARE: Final = 0.5
+SHARE_EWMA: Final = 0.02
 
 
 class Overloaded(RuntimeError):
@@ -73,8 +81,11 @@ class RankUseCase:
         registry: ModelRegistry,
         states: StateResolver,
         batcher: ScoreBatcher,
+        turnstile: Turnstile | None = None,
     ) -> None:
         self.settings = settings
+        self.turnstile = turnstile
+        self._shed_share = 0.0  # moving share of admission decisions that shed
         self.metrics = metrics
         self.pool = pool
         self.registry = registry
@@ -98,24 +109,19 @@ class RankUseCase:
         slot = self.registry.for_user(user_id)
         budget = float(budget_ms or self.settings.default_budget_ms)
         deadline = t0 + budget / 1000.0
-        queued_ms = (now - t0) * 1e3
-        wait_ms = queued_ms + self.pool.expected_wait_ms()
-        late = (
-            wait_ms >= self.settings.shed_min_wait_ms
-            and wait_ms + slot.cost.rest_ms_now(len(candidates)) > budget
-        )
-        if self.inflight >= self.settings.max_inflight or late:
-            self.metrics.degraded.labels("overloaded", slot.version).inc()
-            raise Overloaded(
-                f"overloaded: {wait_ms:.0f} ms waited or queued against a budget of "
-                f"{budget:.0f} ms; retry later",
-                slot.version,
-            )
+        gated = self._gated()
+        ahead_ms = self._ahead_ms(slot, len(candidates)) if gated else 0.0
+        self._admit(slot, len(candidates), budget, (now - t0) * 1e3 + ahead_ms)
         self.inflight += 1
         self.metrics.inflight.inc()
         try:
+            if gated and self.turnstile is not None:
+                await self.turnstile.enter()
+                # the queue ahead was an estimate: a request it made late is shed now
+                waited_ms = (time.perf_counter() - t0) * 1e3
+                self._admit(slot, len(candidates), budget, waited_ms, started=True)
             ctx = RankContext(slot, user_id, deadline, candidates=len(candidates))
-            ctx.timings.queue = queued_ms
+            ctx.timings.queue = (time.perf_counter() - t0) * 1e3
             return await self._rank(ctx, candidates, top_k, request_id, t0)
         except NoTimeForRedis as e:
             self.metrics.degraded.labels("overloaded", slot.version).inc()
@@ -123,6 +129,48 @@ class RankUseCase:
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
+
+    def _gated(self) -> bool:
+        """Requests go through the turnstile unless most are being shed: under that much
+        overload its order costs more than it gives (each request admitted behind it
+        waits for the sheds of the ones read with it), and every request read in one
+        poll runs back to back, the first ones answered, the rest shed."""
+        return self.turnstile is not None and self._shed_share < OVERLOAD_SHARE
+
+    def _ahead_ms(self, slot: ModelSlot, candidates: int) -> float:
+        """The wait for the requests queued at the turnstile: their number times the loop's
+        time per start as seen, or at least what this request's own work costs."""
+        if self.turnstile is None or not self.turnstile.waiting:
+            return 0.0
+        per_start = max(self.turnstile.interval_ms, slot.cost.rest_ms_now(candidates))
+        return self.turnstile.waiting * per_start
+
+    def _admit(
+        self,
+        slot: ModelSlot,
+        candidates: int,
+        budget: float,
+        queued_ms: float,
+        started: bool = False,
+    ) -> None:
+        """Raises Overloaded when the request cannot start (`started`: it is counted in
+        flight already), or cannot finish in budget after `queued_ms` of waiting (so far,
+        and for the requests ahead of it)."""
+        wait_ms = queued_ms + self.pool.expected_wait_ms()
+        late = (
+            wait_ms >= self.settings.shed_min_wait_ms
+            and wait_ms + slot.cost.rest_ms_now(candidates) > budget
+        )
+        shed = late or (not started and self.inflight >= self.settings.max_inflight)
+        if not started:
+            self._shed_share += SHARE_EWMA * (float(shed) - self._shed_share)
+        if shed:
+            self.metrics.degraded.labels("overloaded", slot.version).inc()
+            raise Overloaded(
+                f"overloaded: {wait_ms:.0f} ms waited or queued against a budget of "
+                f"{budget:.0f} ms; retry later",
+                slot.version,
+            )
 
     def answered(self, ctx: RankContext) -> None:
         """The answer of `ctx` is serialised: what it took around its stages is what

@@ -151,8 +151,10 @@ def test_tiny_end_to_end_bench_writes_the_contracted_report(
         "cluster_strict_c1",
         "redis_push_nolog_c1",
         "redis_push_nolog_c16",
+        "redis_push_unordered_c1",
+        "redis_push_unordered_c16",
     }
-    # Four services and a six-node cluster share the 2 cores here: on a slow box a c=16
+    # Six services and a six-node cluster share the 2 cores here: on a slow box a c=16
     # run can shed (503, the default 40 ms budget), which is the service working; any
     # other error fails (a CI run once saw errors here, with nothing to tell which).
     outcomes = {
@@ -160,10 +162,12 @@ def test_tiny_end_to_end_bench_writes_the_contracted_report(
     }
     assert all(n > 0 and errors == shed for n, errors, shed in outcomes.values()), outcomes
     assert cluster["p50_ratio_strict_c1"] > 0 and cluster["p50_ratio_impression_log_c1"] > 0
+    assert cluster["p99_ratio_ordered_starts_c16"] > 0
     md = (out / "bench.md").read_text()
     assert "## HTTP on loopback" in md and "## Targets" in md
     assert "| strict | 1 |" in md and "cluster / one Redis (strict, c=1)" in md
     assert "impression log on / off (c=1)" in md
+    assert "p99 in order / back to back" in md
     assert (out / "bench_http_latency.png").stat().st_size > 0
 
 

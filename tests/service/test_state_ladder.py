@@ -26,6 +26,7 @@ from service.engine.registry import ModelRegistry
 from service.engine.slot import ModelSlot
 from service.engine.state_cache import StateCache, StateWriteBack
 from service.engine.state_resolver import MIN_PARTIAL_EVENTS, NoTimeForRedis, StateResolver
+from service.engine.turnstile import Turnstile
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store.redis_store import AppendResult, Snapshot, StoreUnavailable
@@ -352,13 +353,14 @@ def test_cooldown_trips_at_once_on_a_broken_connection() -> None:
     assert not cooldown.blocked()
 
 
-def use_case(**settings: Any) -> tuple[RankUseCase, Metrics]:
+def use_case(turnstile: Turnstile | None = None, **settings: Any) -> tuple[RankUseCase, Metrics]:
     resolver, slot, _, _, metrics = ladder(100)
     s = Settings(redis_url="redis://127.0.0.1:1", **settings)
     registry = ModelRegistry(s, metrics, loader=lambda _: (CountingRuntime(), Warmup()))
     registry.slot = slot
     batcher = ScoreBatcher(resolver.pool, max_delay_us=0, max_batch=8, inline_ms=1.0)
-    return RankUseCase(s, metrics, resolver.pool, registry, resolver, batcher), metrics
+    uc = RankUseCase(s, metrics, resolver.pool, registry, resolver, batcher, turnstile)
+    return uc, metrics
 
 
 def test_a_request_that_waited_past_its_budget_is_shed_and_counted() -> None:
@@ -398,6 +400,81 @@ def test_admission_plans_for_the_work_around_the_scorer_too() -> None:
     before = slot.cost.around.mean
     uc.answered(result.context)  # a fast answer pulls the estimate down
     assert slot.cost.around.mean < before
+
+
+def test_admission_counts_the_requests_waiting_ahead_for_their_turn() -> None:
+    """With requests queued at the turnstile, a new one is admitted against the wait they
+    make (their number times the time per start, at least its own work's): past its
+    budget it is shed at once, without joining the queue; admitted, it starts after them."""
+
+    async def main() -> None:
+        gate = Turnstile()
+        uc, metrics = use_case(turnstile=gate, shed_min_wait_ms=1)
+        slot = uc.registry.slot
+        assert slot is not None
+        await uc.rank(USER, [1, 2], budget_ms=1000)  # the user's state built and cached
+        await asyncio.sleep(0)  # a new iteration: the turnstile is open again
+        started: list[str] = []
+
+        async def ahead(i: int) -> None:
+            await gate.enter()
+            started.append(f"ahead {i}")
+
+        queued = [asyncio.create_task(ahead(i)) for i in range(41)]
+        await asyncio.sleep(0)  # the first starts, the 40 others queue
+        assert started == ["ahead 0"] and gate.waiting == 40
+        assert 40 * slot.cost.rest_ms_now(2) > 3  # the queue alone is past a 3 ms budget
+        with pytest.raises(Overloaded, match="against a budget of 3 ms"):
+            await uc.rank(USER, [1, 2], budget_ms=3)
+        assert gate.waiting == 40  # shed without waiting its turn
+        assert counter(metrics, "ifa_rank_degraded_total", reason="overloaded") == 1
+
+        async def admitted() -> None:
+            result = await uc.rank(USER, [1, 2], budget_ms=60_000)
+            started.append("admitted")
+            assert result.timings.queue > 0 and result.item_ids.size == 2
+
+        await asyncio.gather(admitted(), *queued)
+        assert started == [f"ahead {i}" for i in range(41)] + ["admitted"]
+        assert gate.interval_ms > 0  # the time per start, seen while they queued
+
+    asyncio.run(main())
+
+
+def test_while_most_requests_are_shed_the_admitted_ones_pass_the_turnstile_by() -> None:
+    """Under overload that sheds most requests, an admitted one starts at once, as every
+    request of one read did before the turnstile (waiting its turn behind the sheds of
+    the ones read with it would make it late); once most are admitted again, it queues."""
+
+    async def order(uc: RankUseCase, gate: Turnstile) -> list[str]:
+        await asyncio.sleep(0)  # a new iteration: the turnstile has starts left
+        started: list[str] = []
+
+        async def ahead(i: int) -> None:
+            await gate.enter()
+            started.append(f"ahead {i}")
+
+        tasks = [asyncio.create_task(ahead(i)) for i in range(3)]
+        await asyncio.sleep(0)  # the first starts, two wait
+        await uc.rank(USER, [1, 2], budget_ms=60_000)
+        started.append("ranked")
+        await asyncio.gather(*tasks)
+        return started
+
+    async def main() -> None:
+        gate = Turnstile()
+        uc, _ = use_case(turnstile=gate, shed_min_wait_ms=1)
+        await uc.rank(USER, [1, 2], budget_ms=60_000)  # the user's state built and cached
+        assert await order(uc, gate) == ["ahead 0", "ahead 1", "ahead 2", "ranked"]
+        for _ in range(100):
+            with pytest.raises(Overloaded):  # arrived 50 ms ago with a 10 ms budget
+                await uc.rank(USER, [1, 2], budget_ms=10, arrived=time.perf_counter() - 0.05)
+        assert await order(uc, gate) == ["ahead 0", "ranked", "ahead 1", "ahead 2"]
+        for _ in range(100):
+            await uc.rank(USER, [1, 2], budget_ms=60_000)
+        assert await order(uc, gate) == ["ahead 0", "ahead 1", "ahead 2", "ranked"]
+
+    asyncio.run(main())
 
 
 def test_a_tiny_budget_not_spent_waiting_is_degraded_not_shed() -> None:
