@@ -39,7 +39,11 @@ VARIANTS: dict[str, tuple[str, dict[str, str], bool]] = {
     "redis_strict": ("redis", {"IFA_WARM_CHECK": "strict"}, False),
     "cluster_strict": ("cluster", {"IFA_WARM_CHECK": "strict"}, False),
     "redis_push_nolog": ("redis", {"IFA_WARM_CHECK": "push", "IFA_IMPRESSION_LOG": "false"}, True),
-    "redis_push_unordered": ("redis", {"IFA_WARM_CHECK": "push", "IFA_STARTS_PER_ITERATION": "0"}, True),
+    "redis_push_unordered": (
+        "redis",
+        {"IFA_WARM_CHECK": "push", "IFA_STARTS_PER_ITERATION": "0"},
+        True,
+    ),
 }
 # the ratios reported: (name, figure, numerator variant, denominator variant)
 RATIOS = (

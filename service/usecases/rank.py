@@ -5,12 +5,12 @@ The degradation ladder (docs/design.md §6), in the order a request meets it:
     overloaded     in-flight >= IFA_MAX_INFLIGHT, or the time already waited since the
                    request arrived (the `queue` stage: event loop, body) plus the wait
                    for the requests queued ahead of it at the turnstile
-                   (engine/turnstile.py: IFA_STARTS_PER_ITERATION starts per loop iteration)
-                   plus the inference queue's wait is at least IFA_SHED_MIN_WAIT_MS and,
-                   with what the answer still costs (the scorer as it runs now and the
-                   work around it, both observed), past the budget: `Overloaded` (503 +
-                   Retry-After) at once; and again once its turn comes, the queue ahead
-                   having been an estimate. (A budget too small for the work but not spent waiting is
+                   (engine/turnstile.py, IFA_STARTS_PER_ITERATION) plus the inference
+                   queue's wait is at least IFA_SHED_MIN_WAIT_MS and, with what the
+                   answer still costs (the scorer as it runs now and the work around it,
+                   both observed), past the budget: `Overloaded` (503 + Retry-After) at
+                   once; and again when its turn comes (the queue ahead was an
+                   estimate). (A budget too small for the work but not spent waiting is
                    the ladder's to degrade, not a reason to shed.) Also a user with no
                    cached state whose Redis read cannot come back within the budget
                    (`NoTimeForRedis`: on a saturated loop the reply waits as long as
@@ -139,10 +139,11 @@ class RankUseCase:
 
     def _ahead_ms(self, slot: ModelSlot, candidates: int) -> float:
         """The wait for the requests queued at the turnstile: their number times the loop's
-        time per start as seen, or at least what this request's own work costs."""
+        time per start as measured (a mean: the deviations of many average out), or this
+        request's own cost while none has been measured."""
         if self.turnstile is None or not self.turnstile.waiting:
             return 0.0
-        per_start = max(self.turnstile.interval_ms, slot.cost.rest_ms_now(candidates))
+        per_start = self.turnstile.interval_ms or slot.cost.rest_ms_now(candidates)
         return self.turnstile.waiting * per_start
 
     def _admit(

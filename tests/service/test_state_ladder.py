@@ -402,6 +402,19 @@ def test_admission_plans_for_the_work_around_the_scorer_too() -> None:
     assert slot.cost.around.mean < before
 
 
+async def queue_at(gate: Turnstile, n: int, started: list[str]) -> list[asyncio.Task[None]]:
+    """n requests at the turnstile, each noting its start in `started`; returns once the
+    first has started and the others wait (call it with starts left in the iteration)."""
+
+    async def ahead(i: int) -> None:
+        await gate.enter()
+        started.append(f"ahead {i}")
+
+    tasks = [asyncio.create_task(ahead(i)) for i in range(n)]
+    await asyncio.sleep(0)
+    return tasks
+
+
 def test_admission_counts_the_requests_waiting_ahead_for_their_turn() -> None:
     """With requests queued at the turnstile, a new one is admitted against the wait they
     make (their number times the time per start, at least its own work's): past its
@@ -415,13 +428,7 @@ def test_admission_counts_the_requests_waiting_ahead_for_their_turn() -> None:
         await uc.rank(USER, [1, 2], budget_ms=1000)  # the user's state built and cached
         await asyncio.sleep(0)  # a new iteration: the turnstile is open again
         started: list[str] = []
-
-        async def ahead(i: int) -> None:
-            await gate.enter()
-            started.append(f"ahead {i}")
-
-        queued = [asyncio.create_task(ahead(i)) for i in range(41)]
-        await asyncio.sleep(0)  # the first starts, the 40 others queue
+        queued = await queue_at(gate, 41, started)  # the first starts, the 40 others queue
         assert started == ["ahead 0"] and gate.waiting == 40
         assert 40 * slot.cost.rest_ms_now(2) > 3  # the queue alone is past a 3 ms budget
         with pytest.raises(Overloaded, match="against a budget of 3 ms"):
@@ -449,13 +456,7 @@ def test_while_most_requests_are_shed_the_admitted_ones_pass_the_turnstile_by() 
     async def order(uc: RankUseCase, gate: Turnstile) -> list[str]:
         await asyncio.sleep(0)  # a new iteration: the turnstile has starts left
         started: list[str] = []
-
-        async def ahead(i: int) -> None:
-            await gate.enter()
-            started.append(f"ahead {i}")
-
-        tasks = [asyncio.create_task(ahead(i)) for i in range(3)]
-        await asyncio.sleep(0)  # the first starts, two wait
+        tasks = await queue_at(gate, 3, started)  # the first starts, two wait
         await uc.rank(USER, [1, 2], budget_ms=60_000)
         started.append("ranked")
         await asyncio.gather(*tasks)
