@@ -10,21 +10,17 @@ none of that first wait is seen by the service's clock or by admission.
 
 `Turnstile.enter` lets `per_iteration` requests start in an iteration; the others wait in
 the order they entered, and the loop polls its sockets between two groups of starts, so
-a request arriving meanwhile is read, admitted against the queue ahead of it (`waiting`
-times `interval_ms`) and queued behind it, or shed at once. 1 is strict arrival order at
-the cost of a loop iteration (an epoll call and a few callbacks) per request; a few keep
-most of the order for a fraction of that. It is not a lock: a request that suspends (a
-Redis read, the inference pool) does not hold the next ones.
+a request arriving meanwhile is read, stamped and queued behind them, and its wait is on
+the service's clock (admission checks it again when its turn comes). 1 is strict arrival
+order at the cost of a loop iteration (an epoll call and a few callbacks) per request.
+It is not a lock: a request that suspends (a Redis read, the inference pool) does not
+hold the next ones.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
-from typing import Final
-
-INTERVAL_EWMA: Final = 0.1  # weight of the newest measurement of the time per start
 
 
 class Turnstile:
@@ -33,20 +29,11 @@ class Turnstile:
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._left = self.per_iteration  # starts left in this iteration
         self._ticking = False  # a `_tick` is scheduled
-        self._last_tick = 0.0  # perf_counter() of the last tick that released waiters
-        self._released = 0  # how many it released
-        self._interval_ms = 0.0
 
     @property
     def waiting(self) -> int:
         """Admitted requests waiting for their turn."""
         return len(self._waiting)
-
-    @property
-    def interval_ms(self) -> float:
-        """The loop's time per started request while requests queue (moving average;
-        0 until it has been seen)."""
-        return self._interval_ms
 
     async def enter(self) -> None:
         """An admitted request: returns when it may start."""
@@ -70,20 +57,12 @@ class Turnstile:
         """Once per iteration while requests come: the next group of waiters is released
         (they start in the next iteration, after the loop has polled its sockets)."""
         self._ticking = False
-        now = time.perf_counter()
-        if self._released and self._last_tick:  # the loop's time per start, under queueing
-            per_start = (now - self._last_tick) * 1e3 / self._released
-            if self._interval_ms:
-                self._interval_ms += INTERVAL_EWMA * (per_start - self._interval_ms)
-            else:
-                self._interval_ms = per_start
         released = 0
         while self._waiting and released < self.per_iteration:
             turn = self._waiting.popleft()
             if not turn.done():
                 turn.set_result(None)
                 released += 1
-        self._released, self._last_tick = released, now
         # those released start in the next iteration: the starts left there are the rest
         self._left = self.per_iteration - released
         if released or self._waiting:

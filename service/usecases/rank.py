@@ -3,18 +3,17 @@
 The degradation ladder (docs/design.md §6), in the order a request meets it:
 
     overloaded     in-flight >= IFA_MAX_INFLIGHT, or the time already waited since the
-                   request arrived (the `queue` stage: event loop, body) plus the wait
-                   for the requests queued ahead of it at the turnstile
-                   (engine/turnstile.py, IFA_STARTS_PER_ITERATION) plus the inference
-                   queue's wait is at least IFA_SHED_MIN_WAIT_MS and, with what the
-                   answer still costs (the scorer as it runs now and the work around it,
-                   both observed), past the budget: `Overloaded` (503 + Retry-After) at
-                   once; and again when its turn comes (the queue ahead was an
-                   estimate). (A budget too small for the work but not spent waiting is
-                   the ladder's to degrade, not a reason to shed.) Also a user with no
-                   cached state whose Redis read cannot come back within the budget
-                   (`NoTimeForRedis`: on a saturated loop the reply waits as long as
-                   the request did before admission).
+                   request arrived (the `queue` stage: event loop, body) plus the
+                   inference queue's wait is at least IFA_SHED_MIN_WAIT_MS and, with what
+                   the answer still costs (the scorer as it runs now and the work around
+                   it, both observed), past the budget: `Overloaded` (503 + Retry-After)
+                   at once; and the same check again when its turn to start comes
+                   (engine/turnstile.py, IFA_STARTS_PER_ITERATION), with the wait for
+                   the requests admitted before it. (A budget too small for the work
+                   but not spent waiting is the ladder's to degrade, not a reason to
+                   shed.) Also a user with no cached state whose Redis read cannot come
+                   back within the budget (`NoTimeForRedis`: on a saturated loop the
+                   reply waits as long as the request did before admission).
     warm / refresh / cold (partial_state) / Redis down (stale_state, no_history):
                    `engine.state_resolver.StateResolver`
 """
@@ -110,14 +109,13 @@ class RankUseCase:
         budget = float(budget_ms or self.settings.default_budget_ms)
         deadline = t0 + budget / 1000.0
         gated = self._gated()
-        ahead_ms = self._ahead_ms(slot, len(candidates)) if gated else 0.0
-        self._admit(slot, len(candidates), budget, (now - t0) * 1e3 + ahead_ms)
+        self._admit(slot, len(candidates), budget, (now - t0) * 1e3)
         self.inflight += 1
         self.metrics.inflight.inc()
         try:
             if gated and self.turnstile is not None:
                 await self.turnstile.enter()
-                # the queue ahead was an estimate: a request it made late is shed now
+                # its wait for the turn is known now: a request it made late is shed
                 waited_ms = (time.perf_counter() - t0) * 1e3
                 self._admit(slot, len(candidates), budget, waited_ms, started=True)
             ctx = RankContext(slot, user_id, deadline, candidates=len(candidates))
@@ -137,15 +135,6 @@ class RankUseCase:
         poll runs back to back, the first ones answered, the rest shed."""
         return self.turnstile is not None and self._shed_share < OVERLOAD_SHARE
 
-    def _ahead_ms(self, slot: ModelSlot, candidates: int) -> float:
-        """The wait for the requests queued at the turnstile: their number times the loop's
-        time per start as measured (a mean: the deviations of many average out), or this
-        request's own cost while none has been measured."""
-        if self.turnstile is None or not self.turnstile.waiting:
-            return 0.0
-        per_start = self.turnstile.interval_ms or slot.cost.rest_ms_now(candidates)
-        return self.turnstile.waiting * per_start
-
     def _admit(
         self,
         slot: ModelSlot,
@@ -163,7 +152,7 @@ class RankUseCase:
             and wait_ms + slot.cost.rest_ms_now(candidates) > budget
         )
         shed = late or (not started and self.inflight >= self.settings.max_inflight)
-        if not started:
+        if shed or not started:  # one decision per request: admitted, or shed (either time)
             self._shed_share += SHARE_EWMA * (float(shed) - self._shed_share)
         if shed:
             self.metrics.degraded.labels("overloaded", slot.version).inc()

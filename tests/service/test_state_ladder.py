@@ -415,35 +415,47 @@ async def queue_at(gate: Turnstile, n: int, started: list[str]) -> list[asyncio.
     return tasks
 
 
-def test_admission_counts_the_requests_waiting_ahead_for_their_turn() -> None:
-    """With requests queued at the turnstile, a new one is admitted against the wait they
-    make (their number times the time per start, at least its own work's): past its
-    budget it is shed at once, without joining the queue; admitted, it starts after them."""
+def test_a_request_made_late_by_the_queue_ahead_is_shed_when_its_turn_comes() -> None:
+    """Admission runs again when a request's turn to start comes, with its wait for the
+    requests admitted before it: made late by them, it is shed then; in time, answered
+    after them, the wait in its `queue` stage."""
 
     async def main() -> None:
         gate = Turnstile()
         uc, metrics = use_case(turnstile=gate, shed_min_wait_ms=1)
-        slot = uc.registry.slot
-        assert slot is not None
         await uc.rank(USER, [1, 2], budget_ms=1000)  # the user's state built and cached
-        await asyncio.sleep(0)  # a new iteration: the turnstile is open again
+        await asyncio.sleep(0)  # a new iteration: the turnstile has starts left
         started: list[str] = []
-        queued = await queue_at(gate, 41, started)  # the first starts, the 40 others queue
-        assert started == ["ahead 0"] and gate.waiting == 40
-        assert 40 * slot.cost.rest_ms_now(2) > 3  # the queue alone is past a 3 ms budget
-        with pytest.raises(Overloaded, match="against a budget of 3 ms"):
-            await uc.rank(USER, [1, 2], budget_ms=3)
-        assert gate.waiting == 40  # shed without waiting its turn
+        queued = await queue_at(gate, 4, started)  # the first starts, three wait
+        slot = uc.registry.slot
+        assert slot is not None and slot.cost.rest_ms_now(2) < 10  # admitted on arrival
+        waited = time.perf_counter() - 0.020  # arrived 20 ms ago: 20 ms of 40 left ...
+
+        async def ranked(name: str, budget_ms: float) -> None:
+            try:
+                result = await uc.rank(USER, [1, 2], budget_ms=budget_ms, arrived=waited)
+            except Overloaded:
+                started.append(f"{name} shed")
+                return
+            started.append(f"{name} answered")
+            assert result.timings.queue >= 20 + 3 * 10  # its wait and the turns ahead
+
+        def busy() -> None:  # ... and each turn ahead takes 10 ms of the loop
+            if gate.waiting:
+                time.sleep(0.010)
+                asyncio.get_running_loop().call_soon(busy)
+
+        asyncio.get_running_loop().call_soon(busy)
+        await asyncio.gather(ranked("late", 40), ranked("in time", 60_000), *queued)
+        assert started == [
+            "ahead 0",
+            "ahead 1",
+            "ahead 2",
+            "ahead 3",
+            "late shed",
+            "in time answered",
+        ]
         assert counter(metrics, "ifa_rank_degraded_total", reason="overloaded") == 1
-
-        async def admitted() -> None:
-            result = await uc.rank(USER, [1, 2], budget_ms=60_000)
-            started.append("admitted")
-            assert result.timings.queue > 0 and result.item_ids.size == 2
-
-        await asyncio.gather(admitted(), *queued)
-        assert started == [f"ahead {i}" for i in range(41)] + ["admitted"]
-        assert gate.interval_ms > 0  # the time per start, seen while they queued
 
     asyncio.run(main())
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
-import time
 from collections.abc import Callable
 
 from service.engine.turnstile import Turnstile
@@ -111,26 +110,6 @@ def test_a_cancelled_waiter_does_not_hold_the_ones_behind_it() -> None:
         return started
 
     assert asyncio.run(main()) == [0, 3, 4]
-
-
-def test_the_time_per_start_is_learned_while_requests_queue() -> None:
-    """`interval_ms`, what admission multiplies the queue by: here each start blocks the
-    loop for 2 ms (a sleep: at least that), so the gaps between starts are at least 2 ms;
-    a queue that runs dry does not count the idle time after it."""
-
-    async def main() -> float:
-        gate = Turnstile()
-
-        async def request() -> None:
-            await gate.enter()
-            time.sleep(0.002)  # noqa: ASYNC251 - the request's synchronous work blocks the loop
-
-        await asyncio.gather(*(request() for _ in range(8)))
-        await asyncio.sleep(0.05)  # idle: not a turn
-        await asyncio.gather(*(request() for _ in range(2)))
-        return gate.interval_ms
-
-    assert asyncio.run(main()) >= 2.0
 
 
 def test_a_few_start_per_iteration_when_asked() -> None:
