@@ -40,8 +40,8 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 RETRY_AFTER_S: Final = 1
-# Past this share of requests shed at admission the turnstile is passed by (`_gated`);
-# the share is a moving average over admission decisions, each weighing SHARE_EWMA.
+# Past this share of requests shed (at admission or at their turn) the turnstile is
+# passed by (`_gated`); the share is a moving average, each decision weighing SHARE_EWMA.
 OVERLOAD_SHARE: Final = 0.5
 SHARE_EWMA: Final = 0.02
 
@@ -84,7 +84,7 @@ class RankUseCase:
     ) -> None:
         self.settings = settings
         self.turnstile = turnstile
-        self._shed_share = 0.0  # moving share of admission decisions that shed
+        self._shed_share = 0.0  # moving share of requests shed (`_admit`)
         self.metrics = metrics
         self.pool = pool
         self.registry = registry
@@ -152,7 +152,7 @@ class RankUseCase:
             and wait_ms + slot.cost.rest_ms_now(candidates) > budget
         )
         shed = late or (not started and self.inflight >= self.settings.max_inflight)
-        if shed or not started:  # one decision per request: admitted, or shed (either time)
+        if shed or not started:  # admitted counts 0, a shed 1 (at admission or at its turn)
             self._shed_share += SHARE_EWMA * (float(shed) - self._shed_share)
         if shed:
             self.metrics.degraded.labels("overloaded", slot.version).inc()
