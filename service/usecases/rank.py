@@ -41,7 +41,7 @@ from service.settings import Settings
 
 RETRY_AFTER_S: Final = 1
 # Past this share of requests shed (at admission or at their turn) the turnstile is
-# passed by (`_gated`); the share is a moving average, each decision weighing SHARE_EWMA.
+# passed by (`_gate`); the share is a moving average, each decision weighing SHARE_EWMA.
 OVERLOAD_SHARE: Final = 0.5
 SHARE_EWMA: Final = 0.02
 
@@ -108,18 +108,19 @@ class RankUseCase:
         slot = self.registry.for_user(user_id)
         budget = float(budget_ms or self.settings.default_budget_ms)
         deadline = t0 + budget / 1000.0
-        gated = self._gated()
+        gate = self._gate()
         self._admit(slot, len(candidates), budget, (now - t0) * 1e3)
         self.inflight += 1
         self.metrics.inflight.inc()
         try:
-            if gated and self.turnstile is not None:
-                await self.turnstile.enter()
+            queued_ms = (now - t0) * 1e3
+            if gate is not None:
+                await gate.enter()
                 # its wait for the turn is known now: a request it made late is shed
-                waited_ms = (time.perf_counter() - t0) * 1e3
-                self._admit(slot, len(candidates), budget, waited_ms, started=True)
+                queued_ms = (time.perf_counter() - t0) * 1e3
+                self._admit(slot, len(candidates), budget, queued_ms, started=True)
             ctx = RankContext(slot, user_id, deadline, candidates=len(candidates))
-            ctx.timings.queue = (time.perf_counter() - t0) * 1e3
+            ctx.timings.queue = queued_ms
             return await self._rank(ctx, candidates, top_k, request_id, t0)
         except NoTimeForRedis as e:
             self.metrics.degraded.labels("overloaded", slot.version).inc()
@@ -128,12 +129,12 @@ class RankUseCase:
             self.inflight -= 1
             self.metrics.inflight.dec()
 
-    def _gated(self) -> bool:
-        """Requests go through the turnstile unless most are being shed: under that much
-        overload its order costs more than it gives (each request admitted behind it
-        waits for the sheds of the ones read with it), and every request read in one
-        poll runs back to back, the first ones answered, the rest shed."""
-        return self.turnstile is not None and self._shed_share < OVERLOAD_SHARE
+    def _gate(self) -> Turnstile | None:
+        """The turnstile, unless most requests are being shed: under that much overload
+        its order costs more than it gives (each request admitted behind it waits for the
+        sheds of the ones read with it), and every request read in one poll runs back to
+        back, the first ones answered, the rest shed."""
+        return self.turnstile if self._shed_share < OVERLOAD_SHARE else None
 
     def _admit(
         self,
@@ -144,8 +145,8 @@ class RankUseCase:
         started: bool = False,
     ) -> None:
         """Raises Overloaded when the request cannot start (`started`: it is counted in
-        flight already), or cannot finish in budget after `queued_ms` of waiting (so far,
-        and for the requests ahead of it)."""
+        flight already and this is the check at its turn), or cannot finish in budget
+        after the `queued_ms` it has waited."""
         wait_ms = queued_ms + self.pool.expected_wait_ms()
         late = (
             wait_ms >= self.settings.shed_min_wait_ms
