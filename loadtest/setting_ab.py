@@ -91,7 +91,10 @@ def run_ab(
                         post(conn, "/rank", rank_body(u, [1, 2, 3], budget_ms=60_000))
                     conn.close()
             for pair in range(pairs):
-                for value, svc in services.items():
+                # ABBA: every other pair in reverse, so that a bias toward the first or
+                # the second run of a pair falls on all values alike
+                order = list(services.items())
+                for value, svc in order if pair % 2 == 0 else reversed(order):
                     r = Loader(tool, svc).run("POST", "/rank", bodies, connections, plan)
                     series[value].append(r)
                     print(

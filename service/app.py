@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import re
 import signal
 import sys
@@ -34,6 +35,7 @@ from service.engine.slot import Runtime
 from service.engine.state_cache import StateWriteBack
 from service.engine.state_resolver import StateResolver
 from service.engine.turnstile import Turnstile
+from service.http import worker_share
 from service.http.fast_path import RankApp, RouteErrors
 from service.http.middleware import (
     BodyLimitMiddleware,
@@ -42,7 +44,7 @@ from service.http.middleware import (
     install_error_handlers,
 )
 from service.http.routes import rank, router
-from service.metrics import Metrics
+from service.metrics import MULTIPROC_ENV, Metrics
 from service.settings import Settings
 from service.store.cluster import NodeAddress, cluster_primaries, single_node
 from service.store.embedded_redis import RedisServer, supervise
@@ -310,6 +312,9 @@ def create_app(settings: Settings) -> FastAPI:
         await registry.load_at_start(settings.model_version)
         await start_rollout_from_settings(registry, settings)
         await warm_routing(app)
+        if settings.balance_connections and settings.worker_group:
+            # the directory `ifa-rank serve --workers N` prepares for its workers
+            worker_share.join(os.environ.get(MULTIPROC_ENV))
         if settings.gc_freeze:
             gc.collect()
             gc.freeze()
@@ -331,6 +336,7 @@ def create_app(settings: Settings) -> FastAPI:
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
             restore()
+            worker_share.leave()
             metrics.close()
             log.info("shut down")
 

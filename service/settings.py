@@ -79,6 +79,13 @@ class Settings(BaseSettings):
         description="worker processes of `ifa-rank serve` (one core each for the Python work; "
         "metrics merged, reloads followed, the embedded Redis shared)",
     )
+    balance_connections: bool = Field(
+        default=True,
+        description="with several workers: a worker holding more than its fair share of the "
+        "open connections answers a request on one of them with `Connection: close` and the "
+        "client reconnects, maybe to another worker (connections opened at once, or before a "
+        "worker was up, end evenly spread; nothing is refused)",
+    )
     worker_group: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9_-]{1,64}$",

@@ -24,6 +24,11 @@ request had begun). Between requests uvicorn's keep-alive timeout still closes a
 connection. Past IFA_MAX_CONNECTIONS open connections in this process, a new one is
 answered 503 (`Retry-After: 1`, `Connection: close`) and closed at once.
 
+One of several workers (`ifa-rank serve --workers N`, IFA_BALANCE_CONNECTIONS): a
+connection counts in this worker's slot of the workers' ledger from connect to close, and
+a worker over its fair share answers a request with `Connection: close` so the client
+reconnects, maybe to another worker (service/http/worker_share.py).
+
 The head deadline costs nothing per request: one timer per connection, armed when it is
 made, looks at the connection's state when it fires (a request in flight, a head begun
 and when, idle after a response) and either closes it or re-arms itself, at most about
@@ -39,6 +44,7 @@ from typing import ClassVar, Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.http import worker_share
 from service.http.middleware import ARRIVED, error_response
 from service.settings import Settings
 
@@ -68,6 +74,9 @@ class ArrivalHttpToolsProtocol(HttpToolsProtocol):
     _made_at = 0.0  # perf_counter at connection_made
     _idle_cycle: object = None  # the answered cycle after which stray bytes were seen
     _idle_since = 0.0
+    _counted = False  # in this worker's open connections in the ledger
+    _accepted_over = False  # accepted over this worker's share: its first request asks
+    _leaving = False  # its answer says `Connection: close` (moved to another worker)
 
     @classmethod
     def limits(cls) -> tuple[float, int]:
@@ -84,17 +93,40 @@ class ArrivalHttpToolsProtocol(HttpToolsProtocol):
             return
         self._made_at = time.perf_counter()
         self._head_timer = self.loop.call_later(timeout, self._check_head)
+        # one of several workers (IFA_BALANCE_CONNECTIONS): see service/http/worker_share.py
+        ledger = worker_share.joined()
+        if ledger is not None:
+            ledger.opened()
+            self._counted = True
+            self._accepted_over = ledger.excess(self._made_at) > 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        ledger = worker_share.joined()
+        if self._counted and ledger is not None:
+            ledger.closed(self._leaving)
+        self._counted = self._leaving = False
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = 0
         self.scope["state"][ARRIVED] = time.perf_counter()
+
+    def on_headers_complete(self) -> None:
+        before = self.cycle
+        super().on_headers_complete()
+        ledger = worker_share.joined()
+        cycle = self.cycle
+        if self._counted and ledger is not None and cycle is not before and cycle is not None:
+            accepted_over, self._accepted_over = self._accepted_over, False
+            now = self.scope["state"][ARRIVED]
+            if not self._leaving and ledger.should_close(accepted_over, now):
+                # uvicorn answers `connection: close` and closes after this response
+                cycle.keep_alive = False
+                self._leaving = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)

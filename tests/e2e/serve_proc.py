@@ -8,6 +8,7 @@ port with its own embedded Redis and a multiprocess metrics folder, stopped with
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -108,6 +109,42 @@ class ServeWorkers:
 
     def output(self) -> str:
         return self.log_path.read_text()
+
+    def worker_pids(self) -> list[int]:
+        """uvicorn's worker processes (the parent's other children: the embedded Redis,
+        multiprocessing's resource tracker)."""
+        assert self._proc is not None
+        children = Path(f"/proc/{self._proc.pid}/task/{self._proc.pid}/children")
+        pids = []
+        for pid in children.read_text().split():
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    pids.append(int(pid))
+        return pids
+
+    def connections_per_worker(self) -> dict[int, int]:
+        """Established client connections to the service's port held by each worker (from
+        /proc: the workers' socket inodes against the kernel's TCP table)."""
+        established = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    local_port = int(cols[1].rsplit(":", 1)[1], 16)
+                    if local_port == self.port and cols[3] == "01":  # ESTABLISHED
+                        established.add(cols[9])  # inode
+        counts = {}
+        for pid in self.worker_pids():
+            fds = Path(f"/proc/{pid}/fd")
+            inodes = set()
+            for fd in fds.iterdir():
+                with contextlib.suppress(OSError):  # closed meanwhile
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+            counts[pid] = len(inodes & established)
+        return counts
 
     def clean_exit(self) -> bool:
         return self.exit_code in (0, -signal.SIGTERM)

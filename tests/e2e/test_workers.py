@@ -1,9 +1,11 @@
 """`ifa-rank serve --workers 2` as a real process tree: one embedded Redis started by the
 parent for both workers, /metrics merged over the workers, a reload on one worker
-followed by the other, a clean stop."""
+followed by the other, a clean stop; connections opened at once end up evenly spread."""
 
 from __future__ import annotations
 
+import http.client
+import time
 from pathlib import Path
 
 from e2e.serve_proc import ServeWorkers, request, versions
@@ -39,3 +41,43 @@ def test_two_workers_share_redis_metrics_and_reloads(
     assert serve.clean_exit(), output[-3000:]
     assert "embedded redis-server for the workers" in output
     assert output.count("Application shutdown complete") == 2, output[-3000:]
+
+
+def test_connections_opened_at_once_spread_evenly_over_the_workers(
+    tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    with ServeWorkers(tiny_artifacts, tmp_path) as serve:
+        wait_until(lambda: len(serve.worker_pids()) == 2, timeout_s=60)
+        # as a client pool does: every connection opened first, then requests on each;
+        # http.client reconnects after an answer with `Connection: close`
+        conns = [http.client.HTTPConnection("127.0.0.1", serve.port, timeout=30) for _ in range(16)]
+        for c in conns:
+            c.connect()
+
+        def one_round() -> int:
+            closes = 0
+            for c in conns:
+                c.request("GET", "/healthz")
+                r = c.getresponse()
+                assert (r.status, r.read()) == (200, b'{"status":"ok"}')
+                closes += r.getheader("connection") == "close"
+            time.sleep(0.2)  # the closed ones gone from the kernel's table
+            return closes
+
+        wait_until(lambda: sum(serve.connections_per_worker().values()) == 16, timeout_s=10)
+        first = sorted(serve.connections_per_worker().values())
+        closes, spreads = 0, []
+        # a worker still starting when the connections were made takes its share once
+        # it has joined: the others look at their share at least once a second
+        for _ in range(40):
+            closes += one_round()
+            spreads.append(sorted(serve.connections_per_worker().values()))
+            if spreads[-1] == [8, 8]:
+                break
+        assert spreads[-1] == [8, 8], (first, spreads)
+        assert first == [8, 8] or closes > 0, (first, spreads, closes)
+        # once even, it stays so: no connection is sent away again
+        assert one_round() == 0
+        assert sorted(serve.connections_per_worker().values()) == [8, 8]
+        for c in conns:
+            c.close()
