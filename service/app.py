@@ -314,7 +314,7 @@ def create_app(settings: Settings) -> FastAPI:
         await warm_routing(app)
         if settings.balance_connections and settings.worker_group:
             # the directory `ifa-rank serve --workers N` prepares for its workers
-            worker_share.join(os.environ.get(MULTIPROC_ENV))
+            worker_share.join(os.environ.get(MULTIPROC_ENV), metrics.connections_moved.inc)
         if settings.gc_freeze:
             gc.collect()
             gc.freeze()

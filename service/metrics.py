@@ -202,6 +202,13 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.connections_moved = Counter(
+            "ifa_connections_moved_total",
+            "Connections answered with `Connection: close` because their worker held more than "
+            "its share of the open connections (`ifa-rank serve --workers N`, "
+            "IFA_BALANCE_CONNECTIONS); each client reconnects, maybe to another worker",
+            registry=r,
+        )
         self.push_channel_up = Gauge(
             "ifa_push_channel_up",
             "1 while Redis pushes sequence invalidations to this replica (warm requests then "

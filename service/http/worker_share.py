@@ -33,7 +33,7 @@ import contextlib
 import fcntl
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -50,8 +50,11 @@ _SIZE: Final = SLOTS * 2 * 8
 class ConnectionLedger:
     """This worker's slot in the ledger at `path` (made if missing), claimed for `pid`."""
 
-    def __init__(self, path: Path, pid: int | None = None) -> None:
+    def __init__(
+        self, path: Path, pid: int | None = None, on_move: Callable[[], None] | None = None
+    ) -> None:
         self.pid = os.getpid() if pid is None else pid
+        self.on_move = on_move  # called for each connection sent away (a metric)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             with _locked(fd):
@@ -129,6 +132,8 @@ class ConnectionLedger:
         if excess == 0:
             return False
         self.leaving += 1
+        if self.on_move is not None:
+            self.on_move()
         return True
 
     def release(self) -> None:
@@ -141,13 +146,16 @@ class ConnectionLedger:
 _joined: ConnectionLedger | None = None
 
 
-def join(shared_dir: str | None) -> ConnectionLedger | None:
+def join(
+    shared_dir: str | None, on_move: Callable[[], None] | None = None
+) -> ConnectionLedger | None:
     """At a worker's start-up (before it accepts): take this process's slot in the ledger
     of the workers sharing `shared_dir`, so that the others count it from then on, idle or
-    not. None (and nothing joined) without a shared directory."""
+    not; `on_move` is called for each connection sent away. None (and nothing joined)
+    without a shared directory."""
     global _joined
     if shared_dir and _joined is None:
-        _joined = ConnectionLedger(Path(shared_dir) / LEDGER_FILE)
+        _joined = ConnectionLedger(Path(shared_dir) / LEDGER_FILE, on_move=on_move)
         atexit.register(_joined.release)  # a worker stopped without its shutdown
     return _joined
 

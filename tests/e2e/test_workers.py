@@ -79,5 +79,14 @@ def test_connections_opened_at_once_spread_evenly_over_the_workers(
         # once even, it stays so: no connection is sent away again
         assert one_round() == 0
         assert sorted(serve.connections_per_worker().values()) == [8, 8]
+        # every one sent away is counted, over both workers (the /metrics call's own
+        # connection may be one more)
+        _, text = request(serve.port, "GET", "/metrics")
+        moved = next(
+            float(ln.split()[-1])
+            for ln in text.decode().splitlines()
+            if ln.startswith("ifa_connections_moved_total ")
+        )
+        assert closes <= moved <= closes + 1, (closes, moved)
         for c in conns:
             c.close()

@@ -38,14 +38,15 @@ def opened(ledger: ConnectionLedger, n: int) -> ConnectionLedger:
 
 def test_a_worker_over_its_share_sends_the_excess_away(tmp_path: Path, other_pid: int) -> None:
     path = tmp_path / "ledger"
-    a = opened(ConnectionLedger(path), 6)
+    moved: list[int] = []
+    a = opened(ConnectionLedger(path, on_move=lambda: moved.append(1)), 6)
     b = opened(ConnectionLedger(path, pid=other_pid), 2)
     assert a.slot != b.slot
     # 8 connections over 2 workers: a share of 4 each
     assert (a.excess(0.0), b.excess(0.0)) == (2, 0)
     # a connection accepted over the share asks at its first request; two go, then none
     assert [a.should_close(True, 0.0) for _ in range(3)] == [True, True, False]
-    assert a.leaving == 2
+    assert a.leaving == 2 and len(moved) == 2  # each one sent away counted (a metric)
     assert b.should_close(True, 0.0) is False
 
 
