@@ -12,8 +12,10 @@ reconnects (nothing is refused, nothing lost), and the new connection goes to wh
 worker accepts it, which sends it on again if it is over its share in turn.
 
 The fair share is the open connections of all workers over the number of workers,
-rounded up; the connections a worker has chosen to close still count in the total (their
-clients come back) but no longer in its own. A worker asks at the first request of a
+rounded up, taking for the total the largest seen in the last PEAK_S (2 s): a connection
+sent away is gone from every count until its client reconnects at its next request, and
+a share computed without it would send away more than the excess. The connections a
+worker has chosen to close no longer count in its own number. A worker asks at the first request of a
 connection it accepted while over its share, and at most once a second (CHECK_S) at any
 request, so that connections placed before a worker joined, or left uneven by clients
 closing theirs, are moved too; while more than one is over, every request asks.
@@ -39,10 +41,7 @@ from typing import Final
 
 SLOTS: Final = 64
 CHECK_S: Final = 1.0  # a worker compares its share at most this often (besides new connections)
-# The total that sets the fair share is the largest seen within this window: a connection
-# sent away is gone from every count until its client's next request reconnects it, and
-# a share computed without it would send away more than the excess.
-PEAK_S: Final = 2.0
+PEAK_S: Final = 2.0  # the total that sets the share: the largest seen this long ago or since
 LEDGER_FILE: Final = "connections.ledger"
 _SIZE: Final = SLOTS * 2 * 8
 
@@ -55,17 +54,15 @@ class ConnectionLedger:
     ) -> None:
         self.pid = os.getpid() if pid is None else pid
         self.on_move = on_move  # called for each connection sent away (a metric)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            with _locked(fd):
-                if os.fstat(fd).st_size < _SIZE:
-                    os.ftruncate(fd, _SIZE)
-                self._map = mmap.mmap(fd, _SIZE)
-                # int64 view: slot i is [2i] = pid (0: free), [2i + 1] = open connections
-                self._cells = memoryview(self._map).cast("q")
-                self.slot = self._claim()
-        finally:
-            os.close(fd)  # the mapping keeps the file
+        # kept open for the lock: taking a slot, and clearing a dead worker's, hold it
+        self._fd = fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        with _locked(fd):
+            if os.fstat(fd).st_size < _SIZE:
+                os.ftruncate(fd, _SIZE)
+            self._map = mmap.mmap(fd, _SIZE)
+            # int64 view: slot i is [2i] = pid (0: free), [2i + 1] = open connections
+            self._cells = memoryview(self._map).cast("q")
+            self.slot = self._claim()
         self.open = 0  # connections open in this worker
         self.leaving = 0  # of which, answered with `Connection: close`, not yet gone
         self._next_check = 0.0
@@ -110,7 +107,7 @@ class ConnectionLedger:
             if pid == 0:
                 continue
             if pid != self.pid and not _alive(pid):
-                cells[2 * i], cells[2 * i + 1] = 0, 0
+                self._clear_dead(i, pid)
                 continue
             total += cells[2 * i + 1]
             workers += 1
@@ -119,6 +116,13 @@ class ConnectionLedger:
         if total >= self._peak or now - self._peak_at > PEAK_S:
             self._peak, self._peak_at = total, now
         return max(0, self.open - self.leaving + (-self._peak // workers))
+
+    def _clear_dead(self, i: int, pid: int) -> None:
+        # under the lock, and only if still that pid: a worker starting now may have
+        # just taken the slot
+        with _locked(self._fd):
+            if self._cells[2 * i] == pid:
+                self._cells[2 * i], self._cells[2 * i + 1] = 0, 0
 
     def should_close(self, accepted_over: bool, now: float) -> bool:
         """At a request's start (`now`: perf_counter s): answer it with `Connection: close`?
