@@ -117,6 +117,19 @@ def stage_sums(base_url: str) -> dict[str, tuple[float, float]]:
     return {k: (v[0], v[1]) for k, v in sums.items()}
 
 
+def connections_moved(base_url: str) -> float:
+    """`ifa_connections_moved_total` from the service's /metrics (merged over its workers):
+    connections sent to another worker to even their share."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "ifa_connections_moved":
+            return float(sum(s.value for s in family.samples if s.name.endswith("_total")))
+    return 0.0
+
+
 def stage_means(
     before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
 ) -> dict[str, float]:
@@ -138,6 +151,7 @@ def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "server_cpu_cores",
         "client_cpu_us_per_req",
         "inprocess_score_ms",
+        "connections_moved",
     ):
         values = [r[key] for r in runs if key in r and r[key] == r[key]]
         if values:
@@ -306,7 +320,11 @@ def worker_runs(
             series: dict[str, list[dict[str, Any]]] = {}
             for _ in range(plan.repeats):
                 for c in plan.worker_concurrency:
+                    moved = connections_moved(svc.base_url)
                     r = loader.run("POST", "/rank", bodies, c, plan)
+                    # wrk's connections (warm-up and run) sent away to even the workers'
+                    # share (the scrape's own connection may be one of them)
+                    r["connections_moved"] = connections_moved(svc.base_url) - moved
                     series.setdefault(f"rank_warm_c{c}", []).append(r)
                     log.info(
                         "%d workers c=%-3d p50 %.2f ms  p99 %.2f ms  %.0f req/s  errors %d",

@@ -180,16 +180,24 @@ def markdown(rep: dict[str, Any]) -> str:
                 f"Warm /rank against {n} worker processes (same Redis, same bodies; 1 process "
                 "above for comparison):",
                 "",
-                f"| conc. | 1 process p50 / p99 ms | req/s | {n} processes p50 / p99 ms | req/s |",
-                "|---:|---:|---:|---:|---:|",
+                f"| conc. | 1 process p50 / p99 ms | req/s | {n} processes p50 / p99 ms | req/s "
+                "| connections moved |",
+                "|---:|---:|---:|---:|---:|---:|",
             ]
             for key, r in runs.items():
                 one = load.get(key) or {}
                 lines.append(
                     f"| {key.rpartition('_c')[2]} | {_fmt(one.get('p50_ms'))} / "
                     f"{_fmt(one.get('p99_ms'))} | {_fmt(one.get('rps'), 0)} | "
-                    f"{_fmt(r.get('p50_ms'))} / {_fmt(r.get('p99_ms'))} | {_fmt(r.get('rps'), 0)} |"
+                    f"{_fmt(r.get('p50_ms'))} / {_fmt(r.get('p99_ms'))} | {_fmt(r.get('rps'), 0)} "
+                    f"| {_fmt(r.get('connections_moved'), 0)} |"
                 )
+            lines += [
+                "",
+                "Connections moved: per run (median), those wrk opened that a worker over its "
+                "share of the open connections answered with `Connection: close` "
+                "(`ifa_connections_moved_total`; IFA_BALANCE_CONNECTIONS).",
+            ]
         lines += variants_table(http.get("cluster") or {})
         lines += [
             "",

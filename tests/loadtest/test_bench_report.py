@@ -168,6 +168,10 @@ def test_tiny_end_to_end_bench_writes_the_contracted_report(
     assert "| strict | 1 |" in md and "cluster / one Redis (strict, c=1)" in md
     assert "impression log on / off (c=1)" in md
     assert "p99 in order / back to back" in md
+    # two workers: wrk's connections sent to the other worker to even the share, counted
+    workers = http["workers"]["2"]
+    assert workers and all(r["connections_moved"] >= 0 for r in workers.values()), workers
+    assert "| connections moved |" in md
     assert (out / "bench_http_latency.png").stat().st_size > 0
 
 
