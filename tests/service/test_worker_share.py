@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,11 +37,18 @@ def opened(ledger: ConnectionLedger, n: int) -> ConnectionLedger:
     return ledger
 
 
+def two_workers(
+    path: Path, other_pid: int, mine: int, theirs: int, **kw: Any
+) -> tuple[ConnectionLedger, ConnectionLedger]:
+    """This process's ledger with `mine` connections open, the other's with `theirs`."""
+    return opened(ConnectionLedger(path, **kw), mine), opened(
+        ConnectionLedger(path, pid=other_pid), theirs
+    )
+
+
 def test_a_worker_over_its_share_sends_the_excess_away(tmp_path: Path, other_pid: int) -> None:
-    path = tmp_path / "ledger"
     moved: list[int] = []
-    a = opened(ConnectionLedger(path, on_move=lambda: moved.append(1)), 6)
-    b = opened(ConnectionLedger(path, pid=other_pid), 2)
+    a, b = two_workers(tmp_path / "ledger", other_pid, 6, 2, on_move=lambda: moved.append(1))
     assert a.slot != b.slot
     # 8 connections over 2 workers: a share of 4 each
     assert (a.excess(0.0), b.excess(0.0)) == (2, 0)
@@ -53,9 +61,7 @@ def test_a_worker_over_its_share_sends_the_excess_away(tmp_path: Path, other_pid
 def test_connections_sent_away_count_until_their_clients_could_be_back(
     tmp_path: Path, other_pid: int
 ) -> None:
-    path = tmp_path / "ledger"
-    a = opened(ConnectionLedger(path), 6)
-    opened(ConnectionLedger(path, pid=other_pid), 2)
+    a, _ = two_workers(tmp_path / "ledger", other_pid, 6, 2)
     assert a.should_close(True, 0.0) and a.should_close(True, 0.0)
     a.closed(leaving=True)
     a.closed(leaving=True)  # both gone; their clients have not reconnected yet
@@ -77,9 +83,7 @@ def test_a_worker_alone_never_sends_a_connection_away(tmp_path: Path) -> None:
 def test_requests_ask_at_most_once_per_interval_unless_more_than_one_is_over(
     tmp_path: Path, other_pid: int
 ) -> None:
-    path = tmp_path / "ledger"
-    a = opened(ConnectionLedger(path), 5)
-    opened(ConnectionLedger(path, pid=other_pid), 3)
+    a, _ = two_workers(tmp_path / "ledger", other_pid, 5, 3)
     # one over (5 against a share of 4): the first request asks, the next ones wait
     assert a.should_close(False, 10.0) is True
     a.closed(leaving=True)
@@ -109,8 +113,7 @@ def test_a_dead_workers_slot_is_left_out_and_taken_again(tmp_path: Path, other_p
 
 def test_a_released_slot_no_longer_counts(tmp_path: Path, other_pid: int) -> None:
     path = tmp_path / "ledger"
-    a = opened(ConnectionLedger(path), 4)
-    b = opened(ConnectionLedger(path, pid=other_pid), 0)
+    a, b = two_workers(path, other_pid, 4, 0)
     assert a.excess(0.0) == 2
     b.release()
     assert a.excess(PEAK_S + 1.0) == 0
