@@ -94,15 +94,19 @@ def inprocess_scorer(artifacts: str, m: int, items: int) -> Callable[[], float]:
     return measure
 
 
-def stage_sums(base_url: str) -> dict[str, tuple[float, float]]:
-    """(sum seconds, count) of the service's /rank histograms: the whole request as the
-    app sees it (`app`) and each stage, read from its own /metrics."""
+def metric_families(base_url: str) -> list[Any]:
+    """The service's /metrics, parsed (prometheus_client's metric families)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(base_url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
+        return list(text_string_to_metric_families(resp.read().decode()))
+
+
+def stage_sums(base_url: str) -> dict[str, tuple[float, float]]:
+    """(sum seconds, count) of the service's /rank histograms: the whole request as the
+    app sees it (`app`) and each stage, read from its own /metrics."""
     sums: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in metric_families(base_url):
         if family.name not in (
             "ifa_rank_request_duration_seconds",
             "ifa_rank_stage_duration_seconds",
@@ -120,11 +124,7 @@ def stage_sums(base_url: str) -> dict[str, tuple[float, float]]:
 def connections_moved(base_url: str) -> float:
     """`ifa_connections_moved_total` from the service's /metrics (merged over its workers):
     connections sent to another worker to even their share."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    for family in text_string_to_metric_families(text):
+    for family in metric_families(base_url):
         if family.name == "ifa_connections_moved":
             return float(sum(s.value for s in family.samples if s.name.endswith("_total")))
     return 0.0

@@ -9,7 +9,7 @@ same warm users as the single Redis of the main run. Six service processes start
                                   routed by slot on the cluster)
     redis/push/nolog              IFA_IMPRESSION_LOG=false: what logging the answers costs
     redis/push/unordered          IFA_STARTS_PER_ITERATION=0: every request read in one poll
-                                  runs back to back (service/http/turnstile.py)
+                                  runs back to back (service/engine/turnstile.py)
 
 Each is primed, then every repeat measures each of them in turn, so the box's drift falls
 on all alike. The idle ones cost nothing but their pings.

@@ -15,10 +15,11 @@ The fair share is the open connections of all workers over the number of workers
 rounded up, taking for the total the largest seen in the last PEAK_S (2 s): a connection
 sent away is gone from every count until its client reconnects at its next request, and
 a share computed without it would send away more than the excess. The connections a
-worker has chosen to close no longer count in its own number. A worker asks at the first request of a
-connection it accepted while over its share, and at most once a second (CHECK_S) at any
-request, so that connections placed before a worker joined, or left uneven by clients
-closing theirs, are moved too; while more than one is over, every request asks.
+worker has chosen to close no longer count in its own number. A worker asks at the first
+request of a connection it accepted while over its share, and at most once a second
+(CHECK_S) at any request, so that connections placed before a worker joined, or left
+uneven by clients closing theirs, are moved too; while more than one is over, every
+request asks.
 
 Each worker publishes its open connections in the ledger, a 1 KiB file in the workers'
 shared directory (the Prometheus multiprocess directory that `ifa-rank serve` prepares):
