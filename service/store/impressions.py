@@ -15,8 +15,8 @@ are in one stream and, on a cluster, the shards (each its own hash tag) spread o
 primaries. `offer` never waits and never fails: it samples, then puts the record on a
 bounded queue; a full queue drops the record (counted). One background task writes
 batches: per stream, one call of a Lua script that runs `XADD ... MAXLEN ~ <max_len>`
-(bounded: the oldest entries are trimmed) for each record, framed by `frame`. Redis down
-or slow drops what was not written (counted), never a request. Read back by
+(bounded: the oldest entries are trimmed) for each record, laid out by `record_args`.
+Redis down or slow drops what was not written (counted), never a request. Read back by
 `model_export.data.served` (`ifa-rank logs export`).
 """
 
@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,37 +41,34 @@ STREAM_PREFIX: Final = "ifa:imp:"
 # sent 1.6 MB at once); the round trips saved beyond 32 are worth less than that tail.
 BATCH: Final = 32
 
-# KEYS[1]: a stream. ARGV[1]: the MAXLEN ~ bound. ARGV[2..]: one record each, as `frame`
-# writes it. One argument per record instead of 22: redis-py's packing and reply parsing
-# cost the event loop ~60 us a record in a pipeline of XADDs, ~15-25 us this way (the
-# unpacking runs in Redis).
+# KEYS[1]: a stream. ARGV[1]: the MAXLEN ~ bound. ARGV[2..]: the records, each its
+# field count n then its n fields and values, as `record_args` lays them out. One script
+# call per batch: a pipeline of XADDs cost the event loop ~60 us a record in redis-py's
+# packing and reply parsing. The fields go as plain arguments, handed to XADD by
+# `unpack`: an earlier layout packed each record into one string that the script cut up
+# with `struct.unpack` and `string.sub`, and that cost Redis (single-threaded, shared by
+# every replica) 43-53 us of CPU a record at M = 500 against 28-32 this way, and the
+# client more too (docs/performance.md).
 _WRITE_LUA: Final = """
 local bound = ARGV[1]
-for i = 2, #ARGV do
-  local rec = ARGV[i]
-  local n = struct.unpack('<I4', rec)
-  local cmd = {'XADD', KEYS[1], 'MAXLEN', '~', bound, '*'}
-  local at = 5 + 4 * n
-  for j = 1, n do
-    local len = struct.unpack('<I4', rec, 1 + 4 * j)
-    cmd[6 + j] = string.sub(rec, at, at + len - 1)
-    at = at + len
-  end
-  redis.call(unpack(cmd))
+local i, written = 2, 0
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', bound, '*', unpack(ARGV, i + 1, i + n))
+  i, written = i + n + 1, written + 1
 end
-return #ARGV - 1
+return written
 """
 
 
-def frame(fields: dict[str, bytes | str | int]) -> bytes:
-    """A stream entry's fields as one string for `_WRITE_LUA`: a little-endian uint32
-    count n, n uint32 lengths, then the n strings (field, value, field, value, ...);
-    str as UTF-8 and int in decimal, as redis-py would send them."""
-    parts: list[bytes] = []
+def record_args(fields: dict[str, bytes | str | int], out: list[bytes | str | int]) -> None:
+    """Append one record to a `_WRITE_LUA` argument list: its field count, then field,
+    value, field, value, ... (redis-py encodes str as UTF-8 and int in decimal, as XADD
+    would be sent them)."""
+    out.append(2 * len(fields))
     for name, value in fields.items():
-        parts.append(name.encode())
-        parts.append(value if isinstance(value, bytes) else str(value).encode())
-    return struct.pack(f"<{len(parts) + 1}I", len(parts), *map(len, parts)) + b"".join(parts)
+        out.append(name)
+        out.append(value)
 
 
 def stream_key(shard: int) -> str:
@@ -118,7 +114,7 @@ class Impression:
         kind: str = "imp",
     ) -> Impression:
         # encoded as the request queues it: from the answer's arrays a microsecond, and
-        # the writer then only frames them
+        # the writer then only lays them out
         items = np.asarray(item_ids).astype("<i8", copy=False).tobytes()
         weights = np.asarray(scores).astype("<f4", copy=False).tobytes()
         return cls(request_id, user_id, ts_ms, model_version, degraded, items, weights, kind)
@@ -271,17 +267,21 @@ class ImpressionLog:
     async def _write(self, batch: list[Record]) -> int:
         """One script call per stream, concurrently; returns how many records were not
         written (their stream's call failed). A timeout raises: the whole batch counts."""
-        streams: dict[str, list[bytes]] = {}
+        streams: dict[str, tuple[list[bytes | str | int], list[Record]]] = {}
         for record in batch:
             key = stream_key(shard_of(record.user_id, self.shards))
-            streams.setdefault(key, []).append(frame(record.fields()))
+            if key not in streams:
+                streams[key] = ([self.max_len], [])
+            args, recs = streams[key]
+            record_args(record.fields(), args)
+            recs.append(record)
         async with asyncio.timeout(self.timeout_s):
             done = await asyncio.gather(
-                *(self._xadd(keys=[k], args=[self.max_len, *recs]) for k, recs in streams.items()),
+                *(self._xadd(keys=[k], args=args) for k, (args, _) in streams.items()),
                 return_exceptions=True,
             )
         lost = 0
-        for recs, result in zip(streams.values(), done, strict=True):
+        for (_, recs), result in zip(streams.values(), done, strict=True):
             if isinstance(result, BaseException):
                 log.debug("impression log: %d records dropped: %s", len(recs), result)
                 lost += len(recs)

@@ -22,7 +22,7 @@ from service.store.impressions import (
     Click,
     Impression,
     ImpressionLog,
-    frame,
+    record_args,
     sampled,
     shard_of,
     stream_key,
@@ -145,11 +145,11 @@ def test_the_script_writes_the_entry_xadd_would(redis_url: str) -> None:
     assert list(got[0]) == [b"type", b"rid", b"uid", b"ts", b"v", b"deg", b"items", b"scores"]
 
 
-def test_frame_counts_lengths_then_strings() -> None:
-    framed = frame({"a": b"xy", "n": 12, "s": "é"})
-    n, *lengths = np.frombuffer(framed[:28], "<u4").tolist()
-    assert n == 6 and lengths == [1, 2, 1, 2, 1, 2]
-    assert framed[28:] == b"axyn12s" + "é".encode()
+def test_record_args_append_a_count_then_fields_and_values() -> None:
+    args: list[bytes | str | int] = [100]
+    record_args({"a": b"xy", "n": 12}, args)
+    record_args({"s": "é"}, args)
+    assert args == [100, 4, "a", b"xy", "n", 12, 2, "s", "é"]
 
 
 def test_a_stream_that_refuses_loses_only_its_own_records(redis_url: str) -> None:

@@ -1,0 +1,37 @@
+"""`python -m loadtest.log_cost`: the impression log's CPU per record, the writer's and
+Redis's, against a real Redis (the figures are not judged here: a benchmark, not a
+test)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import pytest
+
+from loadtest.log_cost import main, measure, process_cpu_s
+
+
+def test_log_cost_writes_every_record_and_reports_both_sides() -> None:
+    out = asyncio.run(measure(m=50, records=64, repeats=2))
+    assert out["m"] == 50 and out["records"] == 64 and out["repeats"] == 2
+    assert out["writer_cpu_us_per_record"] > 0, out
+    assert out["redis_cpu_us_per_record"] >= 0, out
+
+
+def test_process_cpu_agrees_with_this_process_clock() -> None:
+    before, clock = process_cpu_s(os.getpid()), time.process_time()
+    while time.process_time() - clock < 0.3:  # burn CPU
+        sum(i * i for i in range(10_000))
+    spent = process_cpu_s(os.getpid()) - before
+    assert 0.2 <= spent <= 0.6, spent
+
+
+def test_the_command_prints_json_and_names_the_code_it_measured(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["--m", "20", "--records", "32", "--repeats", "1", "--code", "."]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["code"] == os.path.abspath(".") and out["records"] == 32
