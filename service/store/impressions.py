@@ -46,9 +46,10 @@ BATCH: Final = 32
 # call per batch: a pipeline of XADDs cost the event loop ~60 us a record in redis-py's
 # packing and reply parsing. The fields go as plain arguments, handed to XADD by
 # `unpack`: an earlier layout packed each record into one string that the script cut up
-# with `struct.unpack` and `string.sub`, and that cost Redis (single-threaded, shared by
-# every replica) 43-53 us of CPU a record at M = 500 against 28-32 this way, and the
-# client more too (docs/performance.md).
+# with `struct.unpack` and `string.sub`. That cost Redis (single-threaded, shared by
+# every replica) 47 us of CPU a record at M = 500, against 28-31 us this way, for
+# 10-17 us more on the event loop (redis-py packs 17 arguments instead of one):
+# `python -m loadtest.log_cost`, docs/performance.md.
 _WRITE_LUA: Final = """
 local bound = ARGV[1]
 local i, written = 2, 0
