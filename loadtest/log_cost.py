@@ -5,7 +5,8 @@ CPU of the Redis server that runs the writes, both read from /proc around the wr
     python -m loadtest.log_cost [--m 500] [--records 3200] [--repeats 3] [--code DIR]
 
 Records go in rounds of one full write (32), each round written before the next: the
-steady state of a busy service, where the writer's batches are full. `--code DIR`
+steady state of a busy service, where the writer's batches are full. The loop is uvloop
+where installed, as under `ifa-rank serve`. `--code DIR`
 imports `service` from another checkout (e.g. `git worktree add /tmp/base <commit>`),
 so two versions of the writer can be compared in turns on one box. Prints one JSON
 object: medians over the repeats, µs of CPU per record.
@@ -15,16 +16,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 def process_cpu_s(pid: int) -> float:
@@ -95,6 +100,12 @@ async def measure(m: int, records: int, repeats: int) -> dict[str, Any]:
     }
 
 
+def uvloop_run(coro: Coroutine[Any, Any, T]) -> T:
+    import uvloop
+
+    return uvloop.run(coro)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--m", type=int, default=500, help="items per impression")
@@ -104,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.code is not None:
         sys.path.insert(0, str(Path(a.code).resolve()))
-    out = asyncio.run(measure(a.m, a.records, a.repeats))
+    # the loop the service runs on (`ifa-rank serve`: uvloop), whose writes differ
+    run = asyncio.run if importlib.util.find_spec("uvloop") is None else uvloop_run
+    out = run(measure(a.m, a.records, a.repeats))
     if a.code is not None:
         out["code"] = str(Path(a.code).resolve())
     print(json.dumps(out, indent=2))

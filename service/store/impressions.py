@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,35 +42,64 @@ STREAM_PREFIX: Final = "ifa:imp:"
 # sent 1.6 MB at once); the round trips saved beyond 32 are worth less than that tail.
 BATCH: Final = 32
 
-# KEYS[1]: a stream. ARGV[1]: the MAXLEN ~ bound. ARGV[2..]: the records, each its
-# field count n then its n fields and values, as `record_args` lays them out. One script
-# call per batch: a pipeline of XADDs cost the event loop ~60 us a record in redis-py's
-# packing and reply parsing. The fields go as plain arguments, handed to XADD by
-# `unpack`: an earlier layout packed each record into one string that the script cut up
-# with `struct.unpack` and `string.sub`. That cost Redis (single-threaded, shared by
-# every replica) 47 us of CPU a record at M = 500, against 28-31 us this way, for
-# 10-17 us more on the event loop (redis-py packs 17 arguments instead of one):
-# `python -m loadtest.log_cost`, docs/performance.md.
+# KEYS[1]: a stream. ARGV[1]: the MAXLEN ~ bound. ARGV[2..]: the records, as
+# `record_args` lays them out: a head (a uint32 count n, n uint32 lengths, then the
+# strings: field, value, field, value, ...), where a length of OWN_ARGUMENT marks a
+# value sent as the next argument of its own instead. One script call per batch: a
+# pipeline of XADDs cost the event loop ~60 us a record in redis-py's packing and reply
+# parsing. The large values (the items and scores) go as their own arguments because
+# cutting them out of one packed string (`string.sub`) copies them in Redis, which is
+# single-threaded and shared by every replica. At M = 500, medians of 6 runs of
+# `python -m loadtest.log_cost` (event loop / Redis CPU per record): everything packed
+# 41 / 48 us, this layout 41 / 41 us, every field its own argument 59 / 37 us (redis-py
+# packs each argument in Python). docs/performance.md has the runs.
 _WRITE_LUA: Final = """
 local bound = ARGV[1]
 local i, written = 2, 0
 while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', bound, '*', unpack(ARGV, i + 1, i + n))
-  i, written = i + n + 1, written + 1
+  local head = ARGV[i]
+  local n = struct.unpack('<I4', head)
+  local cmd = {'XADD', KEYS[1], 'MAXLEN', '~', bound, '*'}
+  local at = 5 + 4 * n
+  for j = 1, n do
+    local len = struct.unpack('<I4', head, 1 + 4 * j)
+    if len == 4294967295 then
+      i = i + 1
+      cmd[6 + j] = ARGV[i]
+    else
+      cmd[6 + j] = string.sub(head, at, at + len - 1)
+      at = at + len
+    end
+  end
+  redis.call(unpack(cmd))
+  i, written = i + 1, written + 1
 end
 return written
 """
+OWN_ARGUMENT: Final = 0xFFFFFFFF  # in a head's lengths: the value is the next argument
+OWN_FROM: Final = 256  # bytes: a value this long or longer goes as its own argument
 
 
-def record_args(fields: dict[str, bytes | str | int], out: list[bytes | str | int]) -> None:
-    """Append one record to a `_WRITE_LUA` argument list: its field count, then field,
-    value, field, value, ... (redis-py encodes str as UTF-8 and int in decimal, as XADD
-    would be sent them)."""
-    out.append(2 * len(fields))
+def record_args(fields: dict[str, bytes | str | int], out: list[bytes]) -> None:
+    """Append one record to a `_WRITE_LUA` argument list: its head, then its values of
+    OWN_FROM bytes or more, each as its own argument. str is sent as UTF-8 and int in
+    decimal, as redis-py would send them to XADD."""
+    pieces: list[bytes] = []
+    lengths: list[int] = []
+    own: list[bytes] = []
     for name, value in fields.items():
-        out.append(name)
-        out.append(value)
+        key = name.encode()
+        raw = value if isinstance(value, bytes) else str(value).encode()
+        pieces.append(key)
+        lengths.append(len(key))
+        if len(raw) >= OWN_FROM:
+            lengths.append(OWN_ARGUMENT)
+            own.append(raw)
+        else:
+            pieces.append(raw)
+            lengths.append(len(raw))
+    out.append(struct.pack(f"<{len(lengths) + 1}I", len(lengths), *lengths) + b"".join(pieces))
+    out.extend(own)
 
 
 def stream_key(shard: int) -> str:
@@ -268,11 +298,11 @@ class ImpressionLog:
     async def _write(self, batch: list[Record]) -> int:
         """One script call per stream, concurrently; returns how many records were not
         written (their stream's call failed). A timeout raises: the whole batch counts."""
-        streams: dict[str, tuple[list[bytes | str | int], list[Record]]] = {}
+        streams: dict[str, tuple[list[bytes], list[Record]]] = {}
         for record in batch:
             key = stream_key(shard_of(record.user_id, self.shards))
             if key not in streams:
-                streams[key] = ([self.max_len], [])
+                streams[key] = ([str(self.max_len).encode()], [])
             args, recs = streams[key]
             record_args(record.fields(), args)
             recs.append(record)

@@ -5,6 +5,7 @@ through the consumer group (resumable, windowed) and loaded by the trainer's rea
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,8 @@ from ifa_common.records import make_events, pack
 from model_export.data.logs import load_log
 from model_export.data.served import export_served
 from service.store.impressions import (
+    OWN_ARGUMENT,
+    OWN_FROM,
     Click,
     Impression,
     ImpressionLog,
@@ -124,32 +127,44 @@ def test_the_writer_lets_records_gather_for_its_linger(redis_url: str, linger_s:
 
 
 def test_the_script_writes_the_entry_xadd_would(redis_url: str) -> None:
-    """The writer frames each record into one string and a Lua script XADDs it: the
-    entry's fields must be byte for byte those of an XADD of the record's fields."""
+    """The writer lays each record out as a head and its large values, and a Lua script
+    XADDs it: the entry's fields must be byte for byte those of an XADD of the record's
+    fields, whether its values went in the head (few items) or on their own (many)."""
     click = Click("r-é", "u:1@x", 2**62, 1_700_000_000, 3)  # non-ASCII, a large int
+    few = ([3, 1, 2], [0.9, 0.5, 0.1])
+    many = (list(range(500, 0, -1)), np.linspace(1.0, 0.0, 500).tolist())
 
     def go(log: ImpressionLog) -> None:
-        log.offer_impression("r1", "u0", "v1", "stale_state", [3, 1, 2], [0.9, 0.5, 0.1])
+        log.offer_impression("r1", "u0", "v1", "stale_state", *few)
         log.offer_click(click)
+        log.offer_impression("r2", "u0", "v1", None, *many)
 
     counts = run_log(redis_url, go, shards=1)
-    assert counts.logged == 2
+    assert counts.logged == 3
     with sync_redis(redis_url) as r:
         got = [f for _, f in r.xrange(stream_key(0))]
-        ts = int(got[0][b"ts"])  # the one field the test cannot know beforehand
-        imp = Impression.of("r1", "u0", ts, "v1", "stale_state", [3, 1, 2], [0.9, 0.5, 0.1])
-        for record in (imp, click):
+        ts = [int(got[i][b"ts"]) for i in (0, 2)]  # the field the test cannot know beforehand
+        imps = [
+            Impression.of("r1", "u0", ts[0], "v1", "stale_state", *few),
+            Impression.of("r2", "u0", ts[1], "v1", None, *many),
+        ]
+        assert len(imps[1].items) >= OWN_FROM > len(imps[0].items)  # both layouts taken
+        for record in (imps[0], click, imps[1]):
             r.xadd("reference:{0}", record.fields())
         want = [f for _, f in r.xrange("reference:{0}")]
     assert got == want
     assert list(got[0]) == [b"type", b"rid", b"uid", b"ts", b"v", b"deg", b"items", b"scores"]
 
 
-def test_record_args_append_a_count_then_fields_and_values() -> None:
-    args: list[bytes | str | int] = [100]
-    record_args({"a": b"xy", "n": 12}, args)
-    record_args({"s": "é"}, args)
-    assert args == [100, 4, "a", b"xy", "n", 12, 2, "s", "é"]
+def test_record_args_put_short_values_in_the_head_and_long_ones_after_it() -> None:
+    args: list[bytes] = [b"100"]
+    long = b"z" * OWN_FROM
+    record_args({"a": b"xy", "n": 12, "big": long, "s": "é"}, args)
+    head, own = args[1], args[2:]
+    n, *lengths = struct.unpack("<9I", head[:36])
+    assert n == 8 and lengths == [1, 2, 1, 2, 3, OWN_ARGUMENT, 1, 2]
+    assert head[36:] == b"axyn12bigs" + "é".encode()
+    assert args[0] == b"100" and own == [long]
 
 
 def test_a_stream_that_refuses_loses_only_its_own_records(redis_url: str) -> None:
