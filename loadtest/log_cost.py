@@ -6,10 +6,10 @@ CPU of the Redis server that runs the writes, both read from /proc around the wr
 
 Records go in rounds of one full write (32), each round written before the next: the
 steady state of a busy service, where the writer's batches are full. The loop is uvloop
-where installed, as under `ifa-rank serve`. `--code DIR`
-imports `service` from another checkout (e.g. `git worktree add /tmp/base <commit>`),
-so two versions of the writer can be compared in turns on one box. Prints one JSON
-object: medians over the repeats, µs of CPU per record.
+where installed, as under `ifa-rank serve`. `--code DIR` imports `service` from another
+checkout (e.g. `git worktree add /tmp/base <commit>`), so two versions of the writer can
+be compared in turns on one box. Prints one JSON object: medians over the repeats, µs of
+CPU per record.
 """
 
 from __future__ import annotations
@@ -36,6 +36,15 @@ def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process, from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def settled(log: Any) -> None:
+    """Every record queued so far written: `settled()`, or for a checkout from before it
+    (`--code`), the writer's queue itself."""
+    if hasattr(log, "settled"):
+        await log.settled()
+    else:
+        await log._queue.join()
 
 
 async def one_repeat(url: str, redis_pid: int, m: int, records: int) -> tuple[float, float]:
@@ -66,7 +75,7 @@ async def one_repeat(url: str, redis_pid: int, m: int, records: int) -> tuple[fl
         for start in range(0, records, batch):
             for request_id, user in ids[start : start + batch]:
                 log.offer_impression(request_id, user, "v1", None, items, scores)
-            await log._queue.join()
+            await settled(log)
         mine, theirs = time.process_time() - mine, process_cpu_s(redis_pid) - theirs
     finally:
         await log.close(1.0)

@@ -253,12 +253,16 @@ class ImpressionLog:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
+    async def settled(self) -> None:
+        """Returns once every record queued so far is written or dropped."""
+        await self._queue.join()
+
     async def close(self, timeout_s: float) -> None:
         """Write what is queued (bounded by `timeout_s`), then stop."""
         if self._task is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):
-                    await self._queue.join()
+                    await self.settled()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
