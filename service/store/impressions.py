@@ -53,6 +53,8 @@ BATCH: Final = 32
 # `python -m loadtest.log_cost` (event loop / Redis CPU per record): everything packed
 # 41 / 48 us, this layout 41 / 41 us, every field its own argument 59 / 37 us (redis-py
 # packs each argument in Python). docs/performance.md has the runs.
+OWN_ARGUMENT: Final = 0xFFFFFFFF  # in a head's lengths: the value is the next argument
+OWN_FROM: Final = 256  # bytes: a value this long or longer goes as its own argument
 _WRITE_LUA: Final = """
 local bound = ARGV[1]
 local i, written = 2, 0
@@ -63,7 +65,7 @@ while i <= #ARGV do
   local at = 5 + 4 * n
   for j = 1, n do
     local len = struct.unpack('<I4', head, 1 + 4 * j)
-    if len == 4294967295 then
+    if len == OWN_ARGUMENT then
       i = i + 1
       cmd[6 + j] = ARGV[i]
     else
@@ -75,9 +77,7 @@ while i <= #ARGV do
   i, written = i + 1, written + 1
 end
 return written
-"""
-OWN_ARGUMENT: Final = 0xFFFFFFFF  # in a head's lengths: the value is the next argument
-OWN_FROM: Final = 256  # bytes: a value this long or longer goes as its own argument
+""".replace("OWN_ARGUMENT", str(OWN_ARGUMENT))
 
 
 def record_args(fields: dict[str, bytes | str | int], out: list[bytes]) -> None:
@@ -299,24 +299,26 @@ class ImpressionLog:
                 for _ in batch:
                     self._queue.task_done()
 
+    def _args(self, records: list[Record]) -> list[bytes]:
+        """`_WRITE_LUA`'s arguments for one stream's records."""
+        args = [str(self.max_len).encode()]
+        for record in records:
+            record_args(record.fields(), args)
+        return args
+
     async def _write(self, batch: list[Record]) -> int:
         """One script call per stream, concurrently; returns how many records were not
         written (their stream's call failed). A timeout raises: the whole batch counts."""
-        streams: dict[str, tuple[list[bytes], list[Record]]] = {}
+        streams: dict[str, list[Record]] = {}
         for record in batch:
-            key = stream_key(shard_of(record.user_id, self.shards))
-            if key not in streams:
-                streams[key] = ([str(self.max_len).encode()], [])
-            args, recs = streams[key]
-            record_args(record.fields(), args)
-            recs.append(record)
+            streams.setdefault(stream_key(shard_of(record.user_id, self.shards)), []).append(record)
         async with asyncio.timeout(self.timeout_s):
             done = await asyncio.gather(
-                *(self._xadd(keys=[k], args=args) for k, (args, _) in streams.items()),
+                *(self._xadd(keys=[k], args=self._args(recs)) for k, recs in streams.items()),
                 return_exceptions=True,
             )
         lost = 0
-        for (_, recs), result in zip(streams.values(), done, strict=True):
+        for recs, result in zip(streams.values(), done, strict=True):
             if isinstance(result, BaseException):
                 log.debug("impression log: %d records dropped: %s", len(recs), result)
                 lost += len(recs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import time
 
@@ -18,7 +19,7 @@ def test_log_cost_writes_every_record_and_reports_both_sides() -> None:
     out = asyncio.run(measure(m=50, records=64, repeats=2))
     assert out["m"] == 50 and out["records"] == 64 and out["repeats"] == 2
     assert out["writer_cpu_us_per_record"] > 0, out
-    assert out["redis_cpu_us_per_record"] >= 0, out
+    assert math.isfinite(out["redis_cpu_us_per_record"]), out  # read from Redis's /proc
 
 
 def test_process_cpu_agrees_with_this_process_clock() -> None:
