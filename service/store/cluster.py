@@ -9,16 +9,16 @@ cluster SCAN visits every primary.
 
 redis-py's own cluster client routes each command by slot and follows MOVED and ASK
 (a reshard under traffic costs a redirect, not a failed request). A dead primary costs a
-refused connection; the client then refreshes the slot map (one retry), and the request
-degrades while the replica takes over (`scope` keys the /rank cooldown by node, so the
-users of the other primaries are not degraded with them).
+refused connection; `call_cluster` then refreshes the slot map and tries once more, and
+the request degrades while the replica takes over (`scope` keys the /rank cooldown by
+node, so the users of the other primaries are not degraded with them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, TypeVar
 
 from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio import RedisCluster
@@ -42,12 +42,21 @@ class _CommandTable(AsyncCommandsParser):
             await super().initialize(node)
 
 
+T = TypeVar("T")
+
+# what redis-py itself retries after a slot-map refresh (a refused or reset connection,
+# a timeout, CLUSTERDOWN, a slot the map does not cover)
+RETRIED: Final = RedisCluster.ERRORS_ALLOW_RETRY
+
+
 def make_cluster_client(
     url: str, timeout_ms: float, max_connections: int, read_size: int
 ) -> RedisCluster:
-    """A cluster client with the single-node client's timeouts, no backoff, and one retry
-    (after a refused connection it reloads the slot map and tries once more: that retry
-    is what follows a finished failover). `max_connections` is per node."""
+    """A cluster client with the single-node client's timeouts, no backoff and no retry of
+    its own: `call_cluster` retries. (redis-py's retry of a failed pipeline first closes
+    every connection to every node, `RedisCluster.aclose`, failing the commands in flight
+    on the healthy primaries: one writer of a lost primary's users degraded the answers of
+    the others in tests/e2e/test_cluster.py.) `max_connections` is per node."""
     timeout = timeout_ms / 1000.0
     client = RedisCluster.from_url(
         url,
@@ -56,7 +65,7 @@ def make_cluster_client(
         socket_connect_timeout=timeout,
         socket_read_size=read_size,
         health_check_interval=0,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 0),
         # during a failover some slots have no live primary: still start, and serve the
         # users of the others
         require_full_coverage=False,
@@ -67,6 +76,22 @@ def make_cluster_client(
     )
     client.commands_parser = _CommandTable()
     return client
+
+
+async def call_cluster(client: RedisCluster, fn: Callable[[], Awaitable[T]]) -> T:
+    """`fn` (commands or a pipeline of `client`), tried once more after a refreshed slot map
+    when a node fails it: the retry that follows a finished failover to the promoted
+    replica. The refresh asks a live node for the map and closes no connection."""
+    # before the command: redis-py picks a command's node before it loads the slot map,
+    # so a fresh client sends its first commands to an arbitrary node (a MOVED each)
+    await client.initialize()
+    try:
+        return await fn()
+    except RETRIED:
+        # a failed command marks the map stale itself; a failed pipeline does not
+        client._initialize = True
+        await client.initialize()
+        return await fn()
 
 
 def node_of(client: RedisCluster, key: str) -> str:
@@ -82,15 +107,21 @@ def node_of(client: RedisCluster, key: str) -> str:
 async def ping_any_node(client: RedisCluster) -> None:
     """PING the known nodes in turn until one answers (raises the last error if none
     does): readiness means "the cluster answers", and one lost node must not fail it."""
-    await client.initialize()
     error: Exception = ConnectionError("the cluster client knows no node")
-    for node in client.get_nodes():
+    tried: set[str] = set()
+    while True:
+        # a failed PING marks the slot map stale, and its refresh replaces the node
+        # objects: each next node is taken from the refreshed map, never a closed one
+        await client.initialize()
+        node = next((n for n in client.get_nodes() if n.name not in tried), None)
+        if node is None:
+            raise error
+        tried.add(node.name)
         try:
             await client.ping(target_nodes=node)
             return
         except (RedisError, OSError) as e:
             error = e
-    raise error
 
 
 @dataclass(frozen=True, slots=True)

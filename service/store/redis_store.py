@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ifa_common.records import RECORD_SIZE, unpack
 from ifa_common.state import covered_events
-from service.store.cluster import make_cluster_client, node_of, ping_any_node
+from service.store.cluster import call_cluster, make_cluster_client, node_of, ping_any_node
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +218,7 @@ class RedisSequenceStore:
         try:
             async with asyncio.timeout(3 * self._timeout + slack):
                 if isinstance(self.client, aioredis.RedisCluster):
-                    # before the command: redis-py picks a command's node before it
-                    # loads the slot map, so a fresh (or reset) client sends its first
-                    # commands to an arbitrary node (a MOVED each) without this
-                    await self.client.initialize()
+                    return await call_cluster(self.client, fn)
                 return await fn()
         except Exception as e:
             # Beyond its own errors, redis-py's async cluster client races itself when a

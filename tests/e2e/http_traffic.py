@@ -65,6 +65,7 @@ class Traffic:
     candidates: list[int] = field(default_factory=lambda: list(range(20)))
     answers: list[RankAnswer] = field(default_factory=list)
     event_statuses: list[int] = field(default_factory=list)
+    refused_writers: set[str] = field(default_factory=set)  # writers answered 503 at least once
     client_errors: list[str] = field(default_factory=list)  # no HTTP answer (status -1)
     acked: dict[str, int] = field(default_factory=dict)  # user -> events acknowledged
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -112,6 +113,8 @@ class Traffic:
             status, answer = http.post("/events", body)
             with self._lock:
                 self.event_statuses.append(status)
+                if status == 503:
+                    self.refused_writers.add(user)
                 if status == -1:
                     self.client_errors.append(f"{time.monotonic():.3f} /events {answer}")
             if status == 200:
