@@ -8,9 +8,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from redis.crc import key_slot
 from svc_helpers import ClusterUrl, sync_redis
 
 from ifa_common.records import RECORD_SIZE, make_events, pack, unpack
+from loadtest.redis_cluster import LocalRedisCluster
 from service.store.redis_store import (
     IdempotencyConflict,
     RedisSequenceStore,
@@ -212,3 +214,40 @@ def test_a_fresh_cluster_client_routes_its_first_commands_right(redis_cluster_ur
 
     run_with_store(url, go)
     assert moved() == before
+
+
+def test_a_lost_primary_fails_no_command_in_flight_on_the_others(
+    redis_cluster: LocalRedisCluster, redis_cluster_url: str
+) -> None:
+    """A pipeline of a lost primary's user fails (a chunked read here; the replicated
+    append and the state write-back are pipelines too) while another primary is answering
+    a command: that command must still get its answer. redis-py's own retry of the
+    pipeline closed every connection to every node first."""
+    url = ClusterUrl(redis_cluster_url)
+    (victim, _), (other, _) = redis_cluster.masters()[:2]
+
+    def user_on(port: int) -> str:
+        return next(
+            u
+            for u in (f"lost-{i}" for i in range(10_000))
+            if redis_cluster.master_of_slot(key_slot(seq_key(u).encode())) == port
+        )
+
+    lost, kept = user_on(victim), user_on(other)
+
+    async def go(store: RedisSequenceStore) -> None:
+        await store.append(lost, records(list(range(8))), None)
+        await store.append(kept, records(list(range(8))), None)
+        redis_cluster.kill(victim)
+        # BLPOP on an empty list of the other primary: an answer (None) after 0.5 s
+        idle = f"ifa:seq:{{{kept}}}:idle"
+        busy: asyncio.Task[Any] = asyncio.create_task(
+            store.client.blpop([idle], timeout=0.5)  # type: ignore[arg-type]
+        )
+        await asyncio.sleep(0.05)
+        with pytest.raises(StoreUnavailable, match="read"):
+            await store.read_range(lost, 0, 8)
+        assert await busy is None
+        assert (await store.read_range(kept, 0, 8))["item_id"].tolist() == list(range(8))
+
+    run_with_store(url, go, timeout_ms=2000, store_timeout_ms=2000)
