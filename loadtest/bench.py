@@ -37,7 +37,7 @@ import numpy as np
 from loadtest.bench_derive import derive
 from loadtest.bench_http import http_bench
 from loadtest.bench_plan import BenchPlan
-from loadtest.sysinfo import machine_info, versions
+from loadtest.sysinfo import cpu_ticks, machine_info, steal_pct, versions
 
 log = logging.getLogger("loadtest.bench")
 
@@ -97,6 +97,7 @@ def run_bench(
     plan = plan or BenchPlan.make(quick, repeats, duration)
     artifacts = artifacts or os.environ.get("IFA_ARTIFACTS_DIR") or "artifacts"
     started = time.time()
+    ticks0 = cpu_ticks()
     rep: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -112,6 +113,7 @@ def run_bench(
         _measure(rep, plan, artifacts, out_dir, client, skip_micro, skip_http)
     rep["derived"] = derive(rep)
     rep["machine"]["load_avg_at_end"] = list(os.getloadavg())
+    rep["machine"]["steal_pct"] = steal_pct(ticks0, cpu_ticks())
     rep["elapsed_s"] = time.time() - started
     (out_dir / "bench.json").write_text(json.dumps(rep, indent=2, default=_json_default) + "\n")
     with contextlib.suppress(Exception):

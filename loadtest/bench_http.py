@@ -21,7 +21,7 @@ import numpy as np
 from loadtest import httpload, openloop, wrk
 from loadtest.bench_plan import FIGURES, BenchPlan
 from loadtest.server import LocalService, http_json
-from loadtest.sysinfo import proc_cpu_s, proc_rss_mib
+from loadtest.sysinfo import cpu_ticks, proc_cpu_s, proc_rss_mib, steal_pct
 
 log = logging.getLogger("loadtest.bench")
 
@@ -49,6 +49,7 @@ class Loader:
         self, method: str, path: str, bodies: list[bytes | None], concurrency: int, plan: BenchPlan
     ) -> dict[str, Any]:
         cpu0 = proc_cpu_s(self.svc.pid)
+        ticks0 = cpu_ticks()
         t0 = time.perf_counter()
         if self.tool == "wrk":
             res = wrk.run_wrk(
@@ -66,6 +67,7 @@ class Loader:
         served = out["rps"] * wall if out["rps"] else 0.0
         out["server_cpu_ms_per_req"] = 1e3 * cpu / served if served else float("nan")
         out["server_cpu_cores"] = cpu / wall if wall else float("nan")
+        out["steal_pct"] = steal_pct(ticks0, cpu_ticks())
         return out
 
 
@@ -149,6 +151,7 @@ def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         *FIGURES,
         "server_cpu_ms_per_req",
         "server_cpu_cores",
+        "steal_pct",
         "client_cpu_us_per_req",
         "inprocess_score_ms",
         "connections_moved",

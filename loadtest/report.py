@@ -102,7 +102,8 @@ def markdown(rep: dict[str, Any]) -> str:
         "",
         f"{rep.get('created_at')} · {m.get('cpu_model')} · {m.get('cores_available')} cores · "
         f"{m.get('memory_gib')} GiB · load avg at start {_fmt((m.get('load_avg_at_start') or [None])[0])}, "
-        f"end {_fmt((m.get('load_avg_at_end') or [None])[0])}",
+        f"end {_fmt((m.get('load_avg_at_end') or [None])[0])} · hypervisor steal over the run "
+        f"{_fmt(m.get('steal_pct'), 1)} % of the CPU",
         f"python {v.get('python')} · onnxruntime {v.get('onnxruntime') or v.get('onnxruntime-gpu')} · "
         f"numpy {v.get('numpy')} · ifa-rank {v.get('ifa-rank')} · {v.get('git_commit', '')}",
     ]
@@ -133,16 +134,16 @@ def markdown(rep: dict[str, Any]) -> str:
             f"{next(iter(load.values())).get('repeats')} runs)",
             "",
             "| endpoint | conc. | p50 ms | p90 ms | p99 ms | max ms | req/s | server CPU ms/req "
-            "| errors (of which 503) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| steal % | errors (of which 503) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for key, s in load.items():
             name, _, c = key.rpartition("_c")
             lines.append(
                 f"| {name} | {c} | {_fmt(s.get('p50_ms'))} | {_fmt(s.get('p90_ms'))} | "
                 f"{_fmt(s.get('p99_ms'))} | {_fmt(s.get('max_ms'))} | {_fmt(s.get('rps'), 0)} | "
-                f"{_fmt(s.get('server_cpu_ms_per_req'))} | {s.get('errors')}"
-                f"{' (' + str(s['shed']) + ')' if s.get('shed') else ''} |"
+                f"{_fmt(s.get('server_cpu_ms_per_req'))} | {_fmt(s.get('steal_pct'), 1)} | "
+                f"{s.get('errors')}{' (' + str(s['shed']) + ')' if s.get('shed') else ''} |"
             )
         for name in ("cold", "refresh_100", "first_request", "warm_single"):
             s = http.get(name)
@@ -152,7 +153,7 @@ def markdown(rep: dict[str, Any]) -> str:
             stages = ", ".join(f"{k} {_fmt(x)}" for k, x in st.items())
             lines.append(
                 f"| {name} (sequential) | 1 | {_fmt(s.get('p50_ms'))} | {_fmt(s.get('p90_ms'))} | "
-                f"{_fmt(s.get('p99_ms'))} | {_fmt(s.get('max_ms'))} | | server: {stages} | "
+                f"{_fmt(s.get('p99_ms'))} | {_fmt(s.get('max_ms'))} | | server: {stages} | | "
                 f"{s.get('errors')}{' degraded ' + str(s['degraded']) if s.get('degraded') else ''} |"
             )
         ol = http.get("open_loop") or {}

@@ -95,6 +95,30 @@ def versions() -> dict[str, Any]:
     return out
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) clock ticks of the whole machine since boot, from /proc/stat (None
+    where there is none): steal is the time the hypervisor ran someone else while this
+    machine's CPUs had work. On a shared VM that is what makes two runs of one build
+    differ, so every measured run carries its share (`steal_pct`)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return ticks[7], sum(ticks)
+
+
+def steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float:
+    """The share (%) of the machine's CPU time taken by the hypervisor between two
+    `cpu_ticks` readings; NaN when either is missing or no time passed."""
+    if before is None or after is None or after[1] <= before[1]:
+        return float("nan")
+    return 100.0 * (after[0] - before[0]) / (after[1] - before[1])
+
+
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (0.0 if it is gone)."""
     try:

@@ -134,6 +134,9 @@ def test_tiny_end_to_end_bench_writes_the_contracted_report(
         s = http["load"][key]
         assert s["requests"] > 0 and s["errors"] == 0, key
         assert s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"], key
+        # the hypervisor's share of the CPU during each run (Linux: /proc/stat)
+        assert 0.0 <= s["steal_pct"] <= 100.0, key
+    assert 0.0 <= rep["machine"]["steal_pct"] <= 100.0
     assert http["cold"]["requests"] == 2 and http["cold"]["errors"] == 0
     assert http["refresh_100"]["requests"] == 2
     # the ratio's scorer time is taken in the bench process between the c=1 runs
@@ -165,6 +168,7 @@ def test_tiny_end_to_end_bench_writes_the_contracted_report(
     assert cluster["p99_ratio_ordered_starts_c16"] > 0
     md = (out / "bench.md").read_text()
     assert "## HTTP on loopback" in md and "## Targets" in md
+    assert "hypervisor steal over the run" in md and "| steal % |" in md
     assert "| strict | 1 |" in md and "cluster / one Redis (strict, c=1)" in md
     assert "impression log on / off (c=1)" in md
     assert "p99 in order / back to back" in md
