@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import os
 import sys
 import tempfile
 import time
@@ -29,13 +28,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from loadtest.sysinfo import proc_cpu_s
+
 T = TypeVar("T")
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def settled(log: Any) -> None:
@@ -71,12 +66,12 @@ async def one_repeat(url: str, redis_pid: int, m: int, records: int) -> tuple[fl
     ids = [(uuid.uuid4().hex, f"user-{i % 8}") for i in range(records)]
     batch = impressions.BATCH
     try:
-        mine, theirs = time.process_time(), process_cpu_s(redis_pid)
+        mine, theirs = time.process_time(), proc_cpu_s(redis_pid)
         for start in range(0, records, batch):
             for request_id, user in ids[start : start + batch]:
                 log.offer_impression(request_id, user, "v1", None, items, scores)
             await settled(log)
-        mine, theirs = time.process_time() - mine, process_cpu_s(redis_pid) - theirs
+        mine, theirs = time.process_time() - mine, proc_cpu_s(redis_pid) - theirs
     finally:
         await log.close(1.0)
         await client.aclose()

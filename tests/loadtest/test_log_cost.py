@@ -8,11 +8,10 @@ import asyncio
 import json
 import math
 import os
-import time
 
 import pytest
 
-from loadtest.log_cost import main, measure, process_cpu_s
+from loadtest.log_cost import main, measure
 
 
 def test_log_cost_writes_every_record_and_reports_both_sides() -> None:
@@ -20,14 +19,6 @@ def test_log_cost_writes_every_record_and_reports_both_sides() -> None:
     assert out["m"] == 50 and out["records"] == 64 and out["repeats"] == 2
     assert out["writer_cpu_us_per_record"] > 0, out
     assert math.isfinite(out["redis_cpu_us_per_record"]), out  # read from Redis's /proc
-
-
-def test_process_cpu_agrees_with_this_process_clock() -> None:
-    before, clock = process_cpu_s(os.getpid()), time.process_time()
-    while time.process_time() - clock < 0.3:  # burn CPU
-        sum(i * i for i in range(10_000))
-    spent = process_cpu_s(os.getpid()) - before
-    assert 0.2 <= spent <= 0.6, spent
 
 
 def test_the_command_prints_json_and_names_the_code_it_measured(

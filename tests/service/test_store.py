@@ -240,7 +240,7 @@ def test_a_lost_primary_fails_no_command_in_flight_on_the_others(
         await store.append(kept, records(list(range(8))), None)
         redis_cluster.kill(victim)
         # BLPOP on an empty list of the other primary: an answer (None) after 0.5 s
-        idle = f"ifa:seq:{{{kept}}}:idle"
+        idle = f"{seq_key(kept)}:idle"  # a key in the same slot
         busy: asyncio.Task[Any] = asyncio.create_task(
             store.client.blpop([idle], timeout=0.5)  # type: ignore[arg-type]
         )
