@@ -21,7 +21,7 @@ import numpy as np
 from loadtest import httpload, openloop, wrk
 from loadtest.bench_plan import FIGURES, BenchPlan
 from loadtest.server import LocalService, http_json
-from loadtest.sysinfo import cpu_ticks, proc_cpu_s, proc_rss_mib, steal_pct
+from loadtest.sysinfo import cpu_ticks, proc_rss_mib, steal_pct, tree_cpu_s
 
 log = logging.getLogger("loadtest.bench")
 
@@ -48,7 +48,7 @@ class Loader:
     def run(
         self, method: str, path: str, bodies: list[bytes | None], concurrency: int, plan: BenchPlan
     ) -> dict[str, Any]:
-        cpu0 = proc_cpu_s(self.svc.pid)
+        cpu0 = tree_cpu_s(self.svc.pid)  # the workers too, where there are several
         ticks0 = cpu_ticks()
         t0 = time.perf_counter()
         if self.tool == "wrk":
@@ -61,7 +61,7 @@ class Loader:
                 self.svc.host, self.svc.port, reqs, concurrency, plan.duration_s, plan.warmup_s
             )
         wall = time.perf_counter() - t0
-        cpu = proc_cpu_s(self.svc.pid) - cpu0
+        cpu = tree_cpu_s(self.svc.pid) - cpu0
         out = res.summary()
         # Server CPU over warm-up + measured window, per request served in that time.
         served = out["rps"] * wall if out["rps"] else 0.0

@@ -129,6 +129,33 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
 
 
+def descendants(pid: int) -> list[int]:
+    """The pids of a process's children, theirs, and so on (from each process's parent
+    in /proc; a process that exits while it is read is left out)."""
+    parent: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parent.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = parent.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants now alive: a
+    service of several worker processes (uvicorn's supervisor and its workers) as one."""
+    return proc_cpu_s(pid) + sum(proc_cpu_s(p) for p in descendants(pid))
+
+
 def proc_rss_mib(pid: int, field: str = "VmRSS") -> float:
     """A process' resident set in MiB (`field` "VmHWM": its peak); NaN if unreadable."""
     with contextlib.suppress(OSError):

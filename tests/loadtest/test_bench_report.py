@@ -69,6 +69,19 @@ def test_derive_computes_overhead_and_every_target() -> None:
     assert "| rank_warm | 8 |" in md and "Overhead ratio" in md and "| build_state N |" in md
 
 
+def test_the_two_worker_rate_at_16_connections_is_judged_against_its_rate_at_1() -> None:
+    def two_workers(c1: float, c16: float) -> dict[str, Any]:
+        w2 = {"rank_warm_c1": _load(1.5, 4.0, c1), "rank_warm_c16": _load(11.0, 18.0, c16)}
+        return {"http": {"workers": {"2": w2}}}
+
+    name = "warm /rank req/s c=16 / c=1, 2 workers"
+    rising = derive(two_workers(700, 1300))
+    assert rising["rate_c16_over_c1_workers2"] == pytest.approx(1300 / 700)
+    assert {t["name"]: t for t in rising["targets"]}[name]["ok"] is True
+    falling = derive(two_workers(700, 650))
+    assert {t["name"]: t for t in falling["targets"]}[name]["ok"] is False
+
+
 def test_derive_without_measurements_marks_targets_unknown() -> None:
     d = derive({})
     assert d["targets"] and all(t["ok"] is None for t in d["targets"])

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import time
 
-from loadtest.sysinfo import cpu_ticks, proc_cpu_s, steal_pct
+from loadtest.sysinfo import cpu_ticks, descendants, proc_cpu_s, steal_pct, tree_cpu_s
 
 
 def test_steal_is_the_share_of_the_ticks_between_two_readings() -> None:
@@ -37,3 +39,25 @@ def test_a_process_cpu_agrees_with_its_own_clock() -> None:
         sum(i * i for i in range(10_000))
     spent = proc_cpu_s(os.getpid()) - before
     assert 0.2 <= spent <= 0.6, spent
+
+
+def test_a_process_tree_counts_the_cpu_of_its_children() -> None:
+    """A service of several workers is measured as one: the parent alone would count
+    only uvicorn's supervisor."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\n"
+    child = subprocess.Popen(
+        [sys.executable, "-c", burn + "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        assert child.pid in descendants(os.getpid())
+        deadline = time.monotonic() + 30
+        while proc_cpu_s(child.pid) < 0.4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        mine = proc_cpu_s(os.getpid())
+        tree = tree_cpu_s(os.getpid())
+        assert tree - mine >= 0.35, (tree, mine)
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=30)
+    assert child.pid not in descendants(os.getpid())
