@@ -120,7 +120,7 @@ async def measure(
     progress: bool = True,
     events: int = EVENTS,
 ) -> dict[str, Any]:
-    from loadtest.bench_http import rank_body
+    from loadtest.bench_measure import rank_body
     from loadtest.seed import connect, seed_synthetic
     from service.app import create_app
     from service.settings import Settings

@@ -1,5 +1,6 @@
 """The HTTP half of the bench: a real service on loopback, seeded users, closed-loop load
-with wrk or the asyncio client, the service's own stage timings, CPU and memory."""
+with wrk or the asyncio client, the service's own stage timings, CPU and memory (each
+run measured by `bench_measure`), the open loop, the worker counts, the cold builds."""
 
 from __future__ import annotations
 
@@ -7,248 +8,34 @@ import http.client
 import json
 import logging
 import os
-import statistics
 import time
-import urllib.request
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from loadtest import httpload, openloop, wrk
-from loadtest.bench_plan import FIGURES, BenchPlan
+from loadtest import httpload, openloop
+from loadtest.bench_measure import (
+    Loader,
+    candidate_sets,
+    connections_moved,
+    inprocess_scorer,
+    measure_ceilings,
+    median_summary,
+    post,
+    rank_body,
+    stage_means,
+    stage_sums,
+    summarise_samples,
+    timed_requests,
+)
+from loadtest.bench_plan import BenchPlan
 from loadtest.server import LocalService, http_json
-from loadtest.sysinfo import cpu_ticks, proc_rss_mib, steal_pct, tree_cpu_s
+from loadtest.sysinfo import proc_rss_mib
 
 log = logging.getLogger("loadtest.bench")
-
-
-# ---------------------------------------------------------------------- HTTP helpers
-def rank_body(user: str, cands: list[int], budget_ms: float | None = None) -> bytes:
-    body: dict[str, Any] = {"user_id": user, "candidates": cands}
-    if budget_ms is not None:
-        body["budget_ms"] = budget_ms
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def candidate_sets(rng: np.random.Generator, count: int, m: int, items: int) -> list[list[int]]:
-    return [rng.integers(0, items, size=m).tolist() for _ in range(count)]
-
-
-class Loader:
-    """Runs one closed-loop measurement with the chosen tool; adds server CPU per request."""
-
-    def __init__(self, tool: str, svc: LocalService) -> None:
-        self.tool = tool
-        self.svc = svc
-
-    def run(
-        self, method: str, path: str, bodies: list[bytes | None], concurrency: int, plan: BenchPlan
-    ) -> dict[str, Any]:
-        cpu0 = tree_cpu_s(self.svc.pid)  # the workers too, where there are several
-        ticks0 = cpu_ticks()
-        t0 = time.perf_counter()
-        if self.tool == "wrk":
-            res = wrk.run_wrk(
-                self.svc.base_url, method, path, bodies, concurrency, plan.duration_s, plan.warmup_s
-            )
-        else:
-            reqs = [httpload.build_request(method, path, b) for b in bodies]
-            res = httpload.run_load(
-                self.svc.host, self.svc.port, reqs, concurrency, plan.duration_s, plan.warmup_s
-            )
-        wall = time.perf_counter() - t0
-        cpu = tree_cpu_s(self.svc.pid) - cpu0
-        out = res.summary()
-        # Server CPU over warm-up + measured window, per request served in that time.
-        served = out["rps"] * wall if out["rps"] else 0.0
-        out["server_cpu_ms_per_req"] = 1e3 * cpu / served if served else float("nan")
-        out["server_cpu_cores"] = cpu / wall if wall else float("nan")
-        out["steal_pct"] = steal_pct(ticks0, cpu_ticks())
-        return out
-
-
-def inprocess_scorer(artifacts: str, m: int, items: int) -> Callable[[], float]:
-    """A closure timing the served artifact's scorer in this process (median ms of 64
-    calls at M = m, fresh candidates each): the overhead ratio's denominator, taken
-    between the HTTP runs so that it sees the machine in the same state as they do."""
-    from loadtest.microbench import _events
-    from service.engine.runtime import ModelRuntime
-
-    rt = ModelRuntime.load(artifacts, None, intra_op_threads=1, prefer_cuda=False)
-    state = rt.build_state(_events(1_000))
-    rng = np.random.default_rng(3)
-    sets = [rng.integers(0, items, m) for _ in range(32)]  # new candidates each call, as served
-
-    def measure() -> float:
-        for cands in sets[:5]:
-            rt.score(state, cands)
-        times = []
-        for i in range(64):
-            t0 = time.perf_counter()
-            rt.score(state, sets[i % len(sets)])
-            times.append((time.perf_counter() - t0) * 1e3)
-        return float(statistics.median(times))
-
-    return measure
-
-
-def metric_families(base_url: str) -> list[Any]:
-    """The service's /metrics, parsed (prometheus_client's metric families)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as resp:
-        return list(text_string_to_metric_families(resp.read().decode()))
-
-
-def stage_sums(base_url: str) -> dict[str, tuple[float, float]]:
-    """(sum seconds, count) of the service's /rank histograms: the whole request as the
-    app sees it (`app`) and each stage, read from its own /metrics."""
-    sums: dict[str, list[float]] = {}
-    for family in metric_families(base_url):
-        if family.name not in (
-            "ifa_rank_request_duration_seconds",
-            "ifa_rank_stage_duration_seconds",
-        ):
-            continue
-        for sample in family.samples:
-            key = sample.labels.get("stage") or "app"
-            if sample.name.endswith("_sum"):
-                sums.setdefault(key, [0.0, 0.0])[0] += sample.value
-            elif sample.name.endswith("_count"):
-                sums.setdefault(key, [0.0, 0.0])[1] += sample.value
-    return {k: (v[0], v[1]) for k, v in sums.items()}
-
-
-def connections_moved(base_url: str) -> float:
-    """`ifa_connections_moved_total` from the service's /metrics (merged over its workers):
-    connections sent to another worker to even their share."""
-    for family in metric_families(base_url):
-        if family.name == "ifa_connections_moved":
-            return float(sum(s.value for s in family.samples if s.name.endswith("_total")))
-    return 0.0
-
-
-def stage_means(
-    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
-) -> dict[str, float]:
-    """Mean ms per request of each stage between two scrapes."""
-    out = {}
-    for key, (total, count) in after.items():
-        t0, c0 = before.get(key, (0.0, 0.0))
-        if count > c0:
-            out[key] = (total - t0) / (count - c0) * 1e3
-    return out
-
-
-def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median of each figure over repeated runs; the runs themselves are kept."""
-    out: dict[str, Any] = {"runs": runs, "repeats": len(runs)}
-    for key in (
-        *FIGURES,
-        "server_cpu_ms_per_req",
-        "server_cpu_cores",
-        "steal_pct",
-        "client_cpu_us_per_req",
-        "inprocess_score_ms",
-        "connections_moved",
-    ):
-        values = [r[key] for r in runs if key in r and r[key] == r[key]]
-        if values:
-            out[key] = float(statistics.median(values))
-    stages = [r["server_stage_mean_ms"] for r in runs if r.get("server_stage_mean_ms")]
-    if stages:
-        out["server_stage_mean_ms"] = {
-            k: float(statistics.median(st[k] for st in stages if k in st)) for k in stages[0]
-        }
-    out["requests"] = int(sum(r["requests"] for r in runs))
-    out["errors"] = int(sum(r["errors"] for r in runs))
-    # 503 + Retry-After: shed by admission (counted among the errors too)
-    out["shed"] = int(sum(int((r.get("status") or {}).get("503", 0)) for r in runs))
-    out["tool"] = runs[0]["tool"] if runs else None
-    out["concurrency"] = runs[0]["concurrency"] if runs else None
-    return out
-
-
-def measure_ceilings(svc: LocalService, plan: BenchPlan, choice: str) -> dict[str, Any]:
-    """Each available generator against /healthz at the highest concurrency.
-
-    ceiling_rps = 1 / (client CPU per request): what the generator could drive with one
-    full core to itself, however fast the server were.
-    """
-    tools = ["pyclient"]
-    if choice in ("auto", "wrk") and wrk.ensure_wrk(install=True):
-        tools.insert(0, "wrk")
-    elif choice == "wrk":
-        log.warning("wrk is not available; using the asyncio client")
-    if choice == "pyclient":
-        tools = ["pyclient"]
-    c = max(plan.concurrency)
-    out: dict[str, Any] = {}
-    for tool in tools:
-        r = Loader(tool, svc).run("GET", "/healthz", [None], c, plan)
-        cpu_us = r.get("client_cpu_us_per_req") or float("nan")
-        out[tool] = {
-            "healthz_rps": r["rps"],
-            "healthz_p50_ms": r["p50_ms"],
-            "client_cpu_us_per_req": cpu_us,
-            "ceiling_rps_per_core": 1e6 / cpu_us if cpu_us == cpu_us and cpu_us > 0 else None,
-            "concurrency": c,
-        }
-    ranked = sorted(out, key=lambda t: -(out[t]["ceiling_rps_per_core"] or 0.0))
-    chosen = ranked[0] if choice == "auto" else (choice if choice in out else ranked[0])
-    return {"tools": out, "chosen": chosen}
-
-
-def post(conn: http.client.HTTPConnection, path: str, body: bytes) -> tuple[float, int, Any]:
-    """One POST on a keep-alive connection: (client ms, status, parsed JSON)."""
-    t0 = time.perf_counter_ns()
-    conn.request("POST", path, body, {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    data = resp.read()
-    ms = (time.perf_counter_ns() - t0) / 1e6
-    try:
-        parsed = json.loads(data)
-    except ValueError:
-        parsed = data.decode(errors="replace")
-    return ms, resp.status, parsed
-
-
-def timed_requests(
-    conn: http.client.HTTPConnection, path: str, bodies: list[bytes], before: Callable[[int], None]
-) -> list[dict[str, Any]]:
-    samples = []
-    for i, body in enumerate(bodies):
-        before(i)
-        ms, status, parsed = post(conn, path, body)
-        sample: dict[str, Any] = {"client_ms": ms, "status": status}
-        if isinstance(parsed, dict):
-            sample["degraded"] = parsed.get("degraded")
-            sample["timings_ms"] = parsed.get("timings_ms")
-        samples.append(sample)
-    return samples
-
-
-def summarise_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    lat = np.array([s["client_ms"] for s in samples], dtype=np.float64)
-    out: dict[str, Any] = {"requests": len(samples)}
-    out.update(httpload.percentiles_ms(lat))
-    out["errors"] = sum(1 for s in samples if s["status"] != 200)
-    degraded: dict[str, int] = {}
-    for s in samples:
-        if s.get("degraded"):
-            degraded[str(s["degraded"])] = degraded.get(str(s["degraded"]), 0) + 1
-    out["degraded"] = degraded
-    stages: dict[str, list[float]] = {}
-    for s in samples:
-        for k, v in (s.get("timings_ms") or {}).items():
-            if isinstance(v, int | float):
-                stages.setdefault(k, []).append(float(v))
-    out["server_timings_ms_median"] = {k: float(np.median(v)) for k, v in stages.items()}
-    return out
 
 
 # ---------------------------------------------------------------------- HTTP bench

@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench_http import Loader, median_summary, post, rank_body, seed_warm_users
+from loadtest.bench_http import seed_warm_users
+from loadtest.bench_measure import Loader, median_summary, post, rank_body
 from loadtest.bench_plan import BenchPlan
 from loadtest.redis_cluster import LocalRedisCluster
 from loadtest.seed import connect

@@ -24,14 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.bench_http import (
-    Loader,
-    candidate_sets,
-    median_summary,
-    post,
-    rank_body,
-    seed_warm_users,
-)
+from loadtest.bench_http import seed_warm_users
+from loadtest.bench_measure import Loader, candidate_sets, median_summary, post, rank_body
 from loadtest.bench_plan import BenchPlan
 from loadtest.seed import connect
 from loadtest.server import LocalService
