@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from service.http.protocol import ID_MAX, items_json
+from service.usecases.rank import order_scores
 
 
 def reference(ids: np.ndarray, scores: np.ndarray) -> bytes:
@@ -41,3 +42,23 @@ def test_items_json_of_no_items_and_of_mismatched_arrays() -> None:
     assert items_json(empty, np.zeros(0)) == reference(empty, np.zeros(0)) == b"[]"
     with pytest.raises(ValueError, match="3 item ids but 2 scores"):
         items_json(np.arange(3), np.array([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_order_scores_gives_the_sigmoid_bit_for_bit_best_first_ties_in_request_order(
+    seed: int,
+) -> None:
+    rng = np.random.default_rng(seed)
+    m = int(rng.integers(1, 2_001))
+    # saturated logits (probability exactly 1.0 or 0.0) tie, and repeats of a logit tie
+    logits = rng.choice([-80.0, -3.0, 0.0, 0.25, 2.0, 45.0, 90.0], m).astype(np.float32)
+    logits[: m // 2] = rng.normal(0, 5, m // 2)
+    given = logits.copy()
+    k = int(rng.integers(1, m + 1))
+    order, probs = order_scores(logits, k)
+    expected = 0.5 * (1.0 + np.tanh(0.5 * logits.astype(np.float64)))
+    assert np.array_equal(logits, given)  # the scorer's output is left as it was
+    assert order.shape == (k,) and probs.dtype == np.float64
+    assert probs.tobytes() == expected[order].tobytes()
+    ranked = sorted(range(m), key=lambda i: (-expected[i], i))  # best first, then request order
+    assert order.tolist() == ranked[:k]
