@@ -43,21 +43,29 @@ def test_a_process_cpu_agrees_with_its_own_clock() -> None:
 
 def test_a_process_tree_counts_the_cpu_of_its_children() -> None:
     """A service of several workers is measured as one: the parent alone would count
-    only uvicorn's supervisor."""
+    only uvicorn's supervisor. A parent that burns nothing and a grandchild that burns
+    0.4 s, so that no other process of this test run's counts."""
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\n"
-    child = subprocess.Popen(
-        [sys.executable, "-c", burn + "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    spawn = (
+        "import subprocess, sys\n"
+        f"g = subprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+        "print(g.pid, flush=True)\n"
+        "sys.stdin.read()\n"
+        "g.wait()\n"
     )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", spawn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdin is not None and parent.stdout is not None
     try:
-        assert child.pid in descendants(os.getpid())
+        grandchild = int(parent.stdout.readline())
+        assert {parent.pid, grandchild} <= set(descendants(os.getpid()))
+        assert descendants(parent.pid) == [grandchild]
         deadline = time.monotonic() + 30
-        while proc_cpu_s(child.pid) < 0.4 and time.monotonic() < deadline:
+        while proc_cpu_s(grandchild) < 0.4 and time.monotonic() < deadline:
             time.sleep(0.05)
-        mine = proc_cpu_s(os.getpid())
-        tree = tree_cpu_s(os.getpid())
-        assert tree - mine >= 0.35, (tree, mine)
+        assert tree_cpu_s(parent.pid) - proc_cpu_s(parent.pid) >= 0.35
     finally:
-        assert child.stdin is not None
-        child.stdin.close()
-        child.wait(timeout=30)
-    assert child.pid not in descendants(os.getpid())
+        parent.stdin.close()
+        parent.wait(timeout=30)
+    assert parent.pid not in descendants(os.getpid())
