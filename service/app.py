@@ -35,7 +35,7 @@ from service.engine.slot import Runtime
 from service.engine.state_cache import StateWriteBack
 from service.engine.state_resolver import StateResolver
 from service.engine.turnstile import Turnstile
-from service.http import worker_share
+from service.http import arrival, worker_share
 from service.http.fast_path import RankApp, RouteErrors
 from service.http.middleware import (
     BodyLimitMiddleware,
@@ -314,7 +314,10 @@ def create_app(settings: Settings) -> FastAPI:
         await warm_routing(app)
         if settings.balance_connections and settings.worker_group:
             # the directory `ifa-rank serve --workers N` prepares for its workers
-            worker_share.join(os.environ.get(MULTIPROC_ENV), metrics.connections_moved.inc)
+            shared = os.environ.get(MULTIPROC_ENV)
+            moved, passed = metrics.connections_moved.inc, metrics.connections_handed_off.inc
+            if worker_share.join(shared, moved, passed) is not None:
+                arrival.receive_handoffs()
         if settings.gc_freeze:
             gc.collect()
             gc.freeze()
@@ -336,6 +339,7 @@ def create_app(settings: Settings) -> FastAPI:
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
             restore()
+            arrival.stop_handoffs()
             worker_share.leave()
             metrics.close()
             log.info("shut down")

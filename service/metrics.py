@@ -209,6 +209,12 @@ class Metrics:
             "IFA_BALANCE_CONNECTIONS); each client reconnects, maybe to another worker",
             registry=r,
         )
+        self.connections_handed_off = Counter(
+            "ifa_connections_handed_off_total",
+            "Connections accepted by a worker over its share and passed, before a byte was "
+            "read, to the worker furthest under it (SCM_RIGHTS; the client sees nothing)",
+            registry=r,
+        )
         self.push_channel_up = Gauge(
             "ifa_push_channel_up",
             "1 while Redis pushes sequence invalidations to this replica (warm requests then "

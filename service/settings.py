@@ -81,10 +81,11 @@ class Settings(BaseSettings):
     )
     balance_connections: bool = Field(
         default=True,
-        description="with several workers: a worker holding more than its fair share of the "
-        "open connections answers a request on one of them with `Connection: close` and the "
-        "client reconnects, maybe to another worker (connections opened at once, or before a "
-        "worker was up, end evenly spread; nothing is refused)",
+        description="with several workers: a worker that accepts a connection over its fair "
+        "share of the open connections passes it, unread, to the worker furthest under "
+        "its share; one holding more than its share answers a request on one of them with "
+        "`Connection: close` and the client reconnects (connections opened at once, or "
+        "before a worker was up, end evenly spread; nothing is refused)",
     )
     worker_group: str | None = Field(
         default=None,

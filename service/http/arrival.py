@@ -25,9 +25,11 @@ connection. Past IFA_MAX_CONNECTIONS open connections in this process, a new one
 answered 503 (`Retry-After: 1`, `Connection: close`) and closed at once.
 
 One of several workers (`ifa-rank serve --workers N`, IFA_BALANCE_CONNECTIONS): a
-connection counts in this worker's slot of the workers' ledger from connect to close, and
-a worker over its fair share answers a request with `Connection: close` so the client
-reconnects, maybe to another worker (service/http/worker_share.py).
+connection counts in this worker's slot of the workers' ledger from connect to close; one
+accepted over this worker's fair share is passed, before a byte is read, to the worker
+furthest under its share (service/http/handoff.py; `HandoffAdopter` serves those passed
+here), and a worker over its share answers a request with `Connection: close` so the
+client reconnects (service/http/worker_share.py).
 
 The head deadline costs nothing per request: one timer per connection, armed when it is
 made, looks at the connection's state when it fires (a request in flight, a head begun
@@ -39,12 +41,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import socket
 import time
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import Server
 
-from service.http import worker_share
+from service.http import handoff, worker_share
 from service.http.middleware import ARRIVED, error_response
 from service.settings import Settings
 
@@ -77,6 +83,9 @@ class ArrivalHttpToolsProtocol(HttpToolsProtocol):
     _counted = False  # in this worker's open connections in the ledger
     _accepted_over = False  # accepted over this worker's share: its first request asks
     _leaving = False  # its answer says `Connection: close` (moved to another worker)
+    _adopted = False  # passed here by another worker (service/http/handoff.py)
+    _close_first = False  # adopted while this worker stops: its first answer closes it
+    _handed_off = False  # passed to another worker before anything was read
 
     @classmethod
     def limits(cls) -> tuple[float, int]:
@@ -86,6 +95,9 @@ class ArrivalHttpToolsProtocol(HttpToolsProtocol):
         return cls._limits
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        ledger = worker_share.joined()
+        if ledger is not None and not self._adopted and self._hand_off(ledger, transport):
+            return
         super().connection_made(transport)
         timeout, cap = self.limits()
         if len(self.connections) > cap:
@@ -98,9 +110,30 @@ class ArrivalHttpToolsProtocol(HttpToolsProtocol):
         if ledger is not None:
             ledger.opened()
             self._counted = True
-            self._accepted_over = ledger.excess(self._made_at) > 0
+            self._accepted_over = not self._adopted and ledger.excess(self._made_at) > 0
+
+    def _hand_off(
+        self, ledger: worker_share.ConnectionLedger, transport: asyncio.Transport
+    ) -> bool:
+        """Pass a connection accepted over this worker's share to the worker furthest
+        under it (service/http/handoff.py), before uvicorn sees it; False to keep it."""
+        now = time.perf_counter()
+        target = ledger.handoff_target(now)
+        if target is None:
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is None or not handoff.send(sock.fileno(), target):
+            return False
+        ledger.passed(target, now)
+        self._handed_off = True
+        if ledger.on_handoff is not None:
+            ledger.on_handoff()
+        transport.close()  # this process's descriptor only: the connection lives on there
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handed_off:
+            return
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -123,7 +156,8 @@ class ArrivalHttpToolsProtocol(HttpToolsProtocol):
         if self._counted and ledger is not None and cycle is not before and cycle is not None:
             accepted_over, self._accepted_over = self._accepted_over, False
             now = self.scope["state"][ARRIVED]
-            if not self._leaving and ledger.should_close(accepted_over, now):
+            close_first, self._close_first = self._close_first, False
+            if not self._leaving and (close_first or ledger.should_close(accepted_over, now)):
                 # uvicorn answers `connection: close` and closes after this response
                 cycle.keep_alive = False
                 self._leaving = True
@@ -215,3 +249,74 @@ class ArrivalHttpToolsProtocol(HttpToolsProtocol):
 
 
 _PHRASES: Final = {408: b"Request Timeout", 503: b"Service Unavailable"}
+
+
+class HandoffAdopter:
+    """Serves the connections sibling workers pass to this one, as uvicorn's `server`
+    serves those it accepts: the same protocol, config, connection set (so a graceful
+    shutdown waits for them too) and lifespan state."""
+
+    def __init__(
+        self,
+        server: Server,
+        protocol_class: type[ArrivalHttpToolsProtocol],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.server, self.protocol_class, self.loop = server, protocol_class, loop
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    def __call__(self, sock: socket.socket) -> None:
+        task = self.loop.create_task(self.loop.connect_accepted_socket(self._protocol, sock))
+        self._pending.add(task)
+        task.add_done_callback(lambda t: self._adopted(t, sock))
+
+    def _protocol(self) -> ArrivalHttpToolsProtocol:
+        server = self.server
+        protocol = self.protocol_class(
+            config=server.config, server_state=server.server_state, app_state=server.lifespan.state
+        )
+        protocol._adopted = True
+        # passed here while this worker stops (its listener already closed): serve the
+        # request its client sent, then close, as the connections it had are
+        protocol._close_first = server.should_exit
+        return protocol
+
+    def _adopted(self, task: asyncio.Task[Any], sock: socket.socket) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection handoff: could not serve a connection", exc_info=task.exception())
+            sock.close()
+
+
+_receiver: handoff.Receiver | None = None
+
+
+def receive_handoffs() -> bool:
+    """At a worker's start-up, in its event loop, after joining the ledger: take the
+    connections sibling workers pass here. uvicorn gives the app no handle on its server;
+    its SIGTERM handler is the server's bound method (uvicorn installs it with
+    signal.signal for the whole run, as `drain_on_sigterm` relies on too). False (others
+    keep their connections and send them away with `Connection: close`) where none is
+    found or the address is taken."""
+    global _receiver
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    if _receiver is not None or not isinstance(server, Server):
+        return False
+    protocol_class = server.config.http_protocol_class
+    if not issubclass(protocol_class, ArrivalHttpToolsProtocol):
+        return False  # only this protocol passes connections on; its siblings run the same
+    loop = asyncio.get_running_loop()
+    try:
+        _receiver = handoff.Receiver(os.getpid(), HandoffAdopter(server, protocol_class, loop))
+    except OSError as e:
+        log.warning("connection handoff off in this worker: %s", e)
+        return False
+    _receiver.start(loop)
+    return True
+
+
+def stop_handoffs() -> None:
+    global _receiver
+    if _receiver is not None:
+        _receiver.close()
+        _receiver = None

@@ -6,20 +6,29 @@ load balancer, wrk) lands them unevenly: 16 connections over 2 workers were 4/12
 and 8/8 in three runs, and 15/1 when opened while one worker was still starting; they
 stay where they landed for as long as they live. The fuller worker queues each request
 behind more of them, or, for a few long-lived connections from a proxy, one worker
-idles. The kernel cannot move a connection to another process, so a worker over its
-fair share answers a request with `Connection: close`: the client reads the answer and
-reconnects (nothing is refused, nothing lost), and the new connection goes to whichever
-worker accepts it, which sends it on again if it is over its share in turn.
+idles. Two moves even them out:
+
+* a worker that accepts a connection that would put it over its fair share passes it,
+  before reading a byte, to the worker furthest under its share (service/http/handoff.py:
+  the socket crosses by SCM_RIGHTS; the client sees nothing);
+* a worker over its share with connections it already serves (placed before a worker
+  joined, or left uneven by clients closing theirs) answers a request with
+  `Connection: close`: the client reads the answer and reconnects (nothing is refused,
+  nothing lost), and the new connection goes to whichever worker accepts it, which
+  passes it on in turn if over its share. Without the first move the reconnect could
+  bounce: with the workers idle the kernel hands new connections to the same one nearly
+  every time, and a CI run saw two bounce off a worker at its share for 40 rounds.
 
 The fair share is the open connections of all workers over the number of workers,
 rounded up, taking for the total the largest seen in the last PEAK_S (2 s): a connection
 sent away is gone from every count until its client reconnects at its next request, and
 a share computed without it would send away more than the excess. The connections a
 worker has chosen to close no longer count in its own number. A worker asks at the first
-request of a connection it accepted while over its share, and at most once a second
-(CHECK_S) at any request, so that connections placed before a worker joined, or left
-uneven by clients closing theirs, are moved too; while more than one is over, every
-request asks.
+request of a connection it accepted while over its share (and could not pass on), and
+at most once a second (CHECK_S) at any request; while more than one is over, every
+request asks. A connection passed to a worker counts there for the sender at once, until
+that worker's own count shows it (or PEAK_S): a burst of new connections would otherwise
+all go to the same one before its loop counted any.
 
 Each worker publishes its open connections in the ledger, a 1 KiB file in the workers'
 shared directory (the Prometheus multiprocess directory that `ifa-rank serve` prepares):
@@ -51,10 +60,15 @@ class ConnectionLedger:
     """This worker's slot in the ledger at `path` (made if missing), claimed for `pid`."""
 
     def __init__(
-        self, path: Path, pid: int | None = None, on_move: Callable[[], None] | None = None
+        self,
+        path: Path,
+        pid: int | None = None,
+        on_move: Callable[[], None] | None = None,
+        on_handoff: Callable[[], None] | None = None,
     ) -> None:
         self.pid = os.getpid() if pid is None else pid
         self.on_move = on_move  # called for each connection sent away (a metric)
+        self.on_handoff = on_handoff  # for each one passed to another worker (a metric)
         # kept open for the lock: taking a slot, and clearing a dead worker's, hold it
         self._fd = fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         with _locked(fd):
@@ -69,6 +83,10 @@ class ConnectionLedger:
         self._next_check = 0.0
         self._peak = 0  # the largest total seen lately, and when (perf_counter s)
         self._peak_at = 0.0
+        # connections passed to a worker that may not have counted them yet: pid ->
+        # (its count when the first was sent, how many sent since, when the last went)
+        self._passed: dict[int, tuple[int, int, float]] = {}
+        self._target_held = 0
 
     def _claim(self) -> int:
         cells = self._cells
@@ -101,22 +119,62 @@ class ConnectionLedger:
     def excess(self, now: float) -> int:
         """Connections this worker holds over the fair share (0 when within it, or alone).
         Slots of processes found gone are cleared on the way (a signal-0 probe each)."""
+        share, _ = self._survey(now)
+        return 0 if share is None else max(0, self.open - self.leaving - share)
+
+    def handoff_target(self, now: float) -> int | None:
+        """For a connection just accepted (not yet counted): the pid of the worker to pass
+        it to (service/http/handoff.py), the one furthest under its share, when taking it
+        would put this worker over its share; None to keep it."""
+        share, others = self._survey(now, extra=1)
+        if share is None or self.open + 1 - self.leaving <= share:
+            return None
+        held, pid = min(others)
+        if held >= share:
+            return None
+        self._target_held = held  # its count before anything is sent (see passed)
+        return pid
+
+    def passed(self, pid: int, now: float) -> None:
+        """A connection was passed to worker `pid` (the last `handoff_target`, at `now`):
+        it counts there from now on, even
+        before that worker's loop gets to it and counts it itself (a burst of new
+        connections would otherwise all go to the same one)."""
+        base, sent, _ = self._passed.get(pid, (self._target_held, 0, now))
+        self._passed[pid] = (base, sent + 1, now)
+
+    def _survey(self, now: float, extra: int = 0) -> tuple[int | None, list[tuple[int, int]]]:
+        """The fair share (None while this worker is alone), with `extra` connections
+        about to open here, and the other workers' (open connections, pid)."""
         cells = self._cells
         total = workers = 0
+        others = []
         for i in range(SLOTS):
             pid = cells[2 * i]
             if pid == 0:
                 continue
-            if pid != self.pid and not _alive(pid):
-                self._clear_dead(i, pid)
-                continue
-            total += cells[2 * i + 1]
+            if pid != self.pid:
+                if not _alive(pid):
+                    self._clear_dead(i, pid)
+                    continue
+                held = cells[2 * i + 1]
+                if pid in self._passed:
+                    base, sent, at = self._passed[pid]
+                    if held >= base + sent or now - at > PEAK_S:
+                        del self._passed[pid]  # counted there (or closed meanwhile)
+                    else:
+                        held = base + sent
+                others.append((held, pid))
+                total += held
+            else:
+                total += cells[2 * i + 1]
             workers += 1
         if workers < 2:
-            return 0
+            return None, others
+        total += extra
         if total >= self._peak or now - self._peak_at > PEAK_S:
             self._peak, self._peak_at = total, now
-        return max(0, self.open - self.leaving + (-self._peak // workers))
+        return -(-self._peak // workers), others
 
     def _clear_dead(self, i: int, pid: int) -> None:
         # under the lock, and only if still that pid: a worker starting now may have
@@ -152,15 +210,18 @@ _joined: ConnectionLedger | None = None
 
 
 def join(
-    shared_dir: str | None, on_move: Callable[[], None] | None = None
+    shared_dir: str | None,
+    on_move: Callable[[], None] | None = None,
+    on_handoff: Callable[[], None] | None = None,
 ) -> ConnectionLedger | None:
     """At a worker's start-up (before it accepts): take this process's slot in the ledger
     of the workers sharing `shared_dir`, so that the others count it from then on, idle or
-    not; `on_move` is called for each connection sent away. None (and nothing joined)
-    without a shared directory."""
+    not; `on_move` is called for each connection sent away, `on_handoff` for each passed
+    to another worker. None (and nothing joined) without a shared directory."""
     global _joined
     if shared_dir and _joined is None:
-        _joined = ConnectionLedger(Path(shared_dir) / LEDGER_FILE, on_move=on_move)
+        path = Path(shared_dir) / LEDGER_FILE
+        _joined = ConnectionLedger(path, on_move=on_move, on_handoff=on_handoff)
         atexit.register(_joined.release)  # a worker stopped without its shutdown
     return _joined
 

@@ -123,9 +123,13 @@ class ServeWorkers:
         return pids
 
     def connections_per_worker(self) -> dict[int, int]:
-        """Established client connections to the service's port held by each worker (from
-        /proc: the workers' socket inodes against the kernel's TCP table)."""
-        established = set()
+        """Established client connections to the service's port held by each worker."""
+        return {pid: len(ports) for pid, ports in self.client_ports_per_worker().items()}
+
+    def client_ports_per_worker(self) -> dict[int, set[int]]:
+        """The client ports of the established connections each worker holds (from /proc:
+        the workers' socket inodes against the kernel's TCP table)."""
+        established = {}
         for table in ("/proc/net/tcp", "/proc/net/tcp6"):
             with open(table) as f:
                 next(f)
@@ -133,8 +137,8 @@ class ServeWorkers:
                     cols = line.split()
                     local_port = int(cols[1].rsplit(":", 1)[1], 16)
                     if local_port == self.port and cols[3] == "01":  # ESTABLISHED
-                        established.add(cols[9])  # inode
-        counts = {}
+                        established[cols[9]] = int(cols[2].rsplit(":", 1)[1], 16)  # inode
+        ports = {}
         for pid in self.worker_pids():
             fds = Path(f"/proc/{pid}/fd")
             inodes = set()
@@ -143,8 +147,8 @@ class ServeWorkers:
                     target = os.readlink(fd)
                     if target.startswith("socket:["):
                         inodes.add(target[8:-1])
-            counts[pid] = len(inodes & established)
-        return counts
+            ports[pid] = {established[i] for i in inodes & established.keys()}
+        return ports
 
     def clean_exit(self) -> bool:
         return self.exit_code in (0, -signal.SIGTERM)

@@ -120,3 +120,47 @@ def test_a_released_slot_no_longer_counts(tmp_path: Path, other_pid: int) -> Non
     b.opened()  # a connection closing after the release writes nothing
     assert a.excess(2 * PEAK_S + 2.0) == 0
     assert os.path.getsize(path) == 1024
+
+
+def test_a_connection_over_the_share_is_passed_to_the_worker_furthest_under_it(
+    tmp_path: Path, other_pid: int
+) -> None:
+    a, b = two_workers(tmp_path / "ledger", other_pid, 4, 2)
+    # 6 open and one arriving here: a share of 4, and this worker would hold 5
+    assert a.handoff_target(0.0) == other_pid
+    # the one under its share keeps what it accepts
+    assert b.handoff_target(0.0) is None
+    a.closed(leaving=False)
+    assert a.handoff_target(0.0) is None
+    # a worker alone keeps everything
+    assert opened(ConnectionLedger(tmp_path / "alone"), 9).handoff_target(0.0) is None
+
+
+def test_connections_passed_count_there_before_that_worker_counts_them(
+    tmp_path: Path, other_pid: int
+) -> None:
+    a, b = two_workers(tmp_path / "ledger", other_pid, 8, 0)
+    # a burst of new connections, all arriving here, while the other's loop has not yet
+    # counted any it was passed: they alternate instead of all going there
+    kept = 0
+    for _ in range(8):
+        target = a.handoff_target(0.0)
+        if target is None:
+            a.opened()
+            kept += 1
+        else:
+            a.passed(target, 0.0)
+    assert (a.open, kept) == (8, 0)  # 8 here already: all 8 new ones passed on
+    assert a.handoff_target(0.0) is None  # 8 and 8 (as passed): within the share
+    # once the other counts them itself, the passed ones are no longer added
+    opened(b, 8)
+    assert a.excess(0.1) == 0 and a._passed == {}
+    # one passed that the other never counts (its client went at once) stops counting
+    # there after PEAK_S
+    b.closed(leaving=False)
+    t = PEAK_S + 1.0  # the burst's total no longer sets the share
+    assert a.handoff_target(t) == other_pid  # 8 here, 7 there, one arriving: 8 each
+    a.passed(other_pid, t)
+    assert a.handoff_target(t) is None  # 8 there as passed: 17, a share of 9
+    assert a._passed
+    assert a.excess(t + PEAK_S + 0.1) == 0 and a._passed == {}

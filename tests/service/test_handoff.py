@@ -1,0 +1,49 @@
+"""A connection passed to another worker as it is (service/http/handoff.py): the socket
+crosses by SCM_RIGHTS, the receiver serves it, bytes the client sent before the handoff
+are still there, and the sender's copy closing does not end it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+from service.http import handoff
+
+
+def test_a_passed_connection_keeps_its_bytes_and_lives_on_at_the_receiver() -> None:
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        got: asyncio.Queue[socket.socket] = asyncio.Queue()
+        name = os.getpid() + 4_000_000  # an address of its own, whatever else this process binds
+        receiver = handoff.Receiver(name, got.put_nowait)
+        receiver.start(loop)
+        try:
+            with socket.create_server(("127.0.0.1", 0)) as listener:
+                client = socket.create_connection(listener.getsockname())
+                accepted, _ = listener.accept()
+                client.sendall(b"sent before the handoff")
+                assert handoff.send(accepted.fileno(), name)
+                accepted.close()  # the sender's descriptor only
+                adopted = await asyncio.wait_for(got.get(), 5)
+                with adopted, client:
+                    adopted.settimeout(5)
+                    assert adopted.recv(100) == b"sent before the handoff"
+                    adopted.sendall(b"answered by the receiver")
+                    client.settimeout(5)
+                    assert client.recv(100) == b"answered by the receiver"
+        finally:
+            receiver.close()
+
+    asyncio.run(run())
+
+
+def test_nothing_is_sent_where_no_worker_listens() -> None:
+    with socket.socket() as sock:
+        assert handoff.send(sock.fileno(), os.getpid() + 5_000_000) is False
+    # a closed receiver no longer takes any
+    name = os.getpid() + 6_000_000
+    receiver = handoff.Receiver(name, lambda s: None)
+    receiver.close()
+    with socket.socket() as sock:
+        assert handoff.send(sock.fileno(), name) is False
