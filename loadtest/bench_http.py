@@ -110,11 +110,13 @@ def worker_runs(
             series: dict[str, list[dict[str, Any]]] = {}
             for _ in range(plan.repeats):
                 for c in plan.worker_concurrency:
-                    moved = connections_moved(svc.base_url)
+                    moved, passed = connections_moved(svc.base_url)
                     r = loader.run("POST", "/rank", bodies, c, plan)
-                    # wrk's connections (warm-up and run) sent away to even the workers'
-                    # share (the scrape's own connection may be one of them)
-                    r["connections_moved"] = connections_moved(svc.base_url) - moved
+                    # the generator's connections (warm-up and run) moved to even the
+                    # workers' share (the scrape's own connection may be one of them)
+                    moved_after, passed_after = connections_moved(svc.base_url)
+                    r["connections_moved"] = moved_after - moved
+                    r["connections_passed"] = passed_after - passed
                     series.setdefault(f"rank_warm_c{c}", []).append(r)
                     log.info(
                         "%d workers c=%-3d p50 %.2f ms  p99 %.2f ms  %.0f req/s  errors %d",

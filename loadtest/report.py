@@ -182,7 +182,7 @@ def markdown(rep: dict[str, Any]) -> str:
                 "above for comparison):",
                 "",
                 f"| conc. | 1 process p50 / p99 ms | req/s | {n} processes p50 / p99 ms | req/s "
-                "| connections moved |",
+                "| connections passed on / sent away |",
                 "|---:|---:|---:|---:|---:|---:|",
             ]
             for key, r in runs.items():
@@ -191,13 +191,16 @@ def markdown(rep: dict[str, Any]) -> str:
                     f"| {key.rpartition('_c')[2]} | {_fmt(one.get('p50_ms'))} / "
                     f"{_fmt(one.get('p99_ms'))} | {_fmt(one.get('rps'), 0)} | "
                     f"{_fmt(r.get('p50_ms'))} / {_fmt(r.get('p99_ms'))} | {_fmt(r.get('rps'), 0)} "
-                    f"| {_fmt(r.get('connections_moved'), 0)} |"
+                    f"| {_fmt(r.get('connections_passed'), 0)} / "
+                    f"{_fmt(r.get('connections_moved'), 0)} |"
                 )
             lines += [
                 "",
-                "Connections moved: per run (median), those wrk opened that a worker over its "
-                "share of the open connections answered with `Connection: close` "
-                "(`ifa_connections_moved_total`; IFA_BALANCE_CONNECTIONS).",
+                "Connections passed on / sent away: per run (median), those the generator "
+                "opened that a worker over its share of the open connections passed, unread, "
+                "to another (`ifa_connections_handed_off_total`) or answered with "
+                "`Connection: close` (`ifa_connections_moved_total`; "
+                "IFA_BALANCE_CONNECTIONS).",
             ]
         lines += variants_table(http.get("cluster") or {})
         lines += [

@@ -11,6 +11,7 @@ import redis
 
 from loadtest import bench, report
 from loadtest.bench_derive import derive
+from loadtest.bench_measure import WRK_MARGIN, choose_generator
 from loadtest.bench_plan import BenchPlan
 from loadtest.run import gate
 from service.store.redis_store import seq_key
@@ -185,10 +186,14 @@ def test_tiny_end_to_end_bench_writes_the_contracted_report(
     assert "| strict | 1 |" in md and "cluster / one Redis (strict, c=1)" in md
     assert "impression log on / off (c=1)" in md
     assert "p99 in order / back to back" in md
-    # two workers: wrk's connections sent to the other worker to even the share, counted
+    # two workers: the generator's connections moved to even the share, counted; none
+    # moves more than once (the warm-up's and the run's connections, and the scrape's)
     workers = http["workers"]["2"]
-    assert workers and all(r["connections_moved"] >= 0 for r in workers.values()), workers
-    assert "| connections moved |" in md
+    assert workers, workers
+    for r in workers.values():
+        moves = r["connections_moved"] + r["connections_passed"]
+        assert 0 <= moves <= 2 * r["concurrency"] + 1, r
+    assert "| connections passed on / sent away |" in md
     assert (out / "bench_http_latency.png").stat().st_size > 0
 
 
@@ -231,3 +236,21 @@ def test_the_bench_runs_against_an_external_cluster(
     assert http["load"]["rank_warm_c1"]["errors"] == 0 and http["cold"]["errors"] == 0
     with redis.RedisCluster.from_url(redis_cluster_url) as c:
         assert c.strlen(seq_key("warm-0")) > 0  # seeded into the cluster
+
+
+def test_auto_drives_with_wrk_unless_another_generator_is_clearly_cheaper() -> None:
+    def ceilings(wrk: float, py: float) -> dict[str, dict[str, Any]]:
+        return {
+            "wrk": {"ceiling_rps_per_core": wrk},
+            "pyclient": {"ceiling_rps_per_core": py},
+        }
+
+    # within a few per cent (noise between runs): wrk, whichever measured higher
+    assert choose_generator(ceilings(26_148, 26_552), "auto") == "wrk"
+    assert choose_generator(ceilings(26_552, 26_148), "auto") == "wrk"
+    # clearly cheaper: the other one
+    assert choose_generator(ceilings(20_000, 20_000 * WRK_MARGIN + 1), "auto") == "pyclient"
+    # no wrk on the machine, or a generator asked for by name
+    assert choose_generator({"pyclient": {"ceiling_rps_per_core": 1.0}}, "auto") == "pyclient"
+    assert choose_generator(ceilings(30_000, 20_000), "pyclient") == "pyclient"
+    assert choose_generator({"pyclient": {"ceiling_rps_per_core": 1.0}}, "wrk") == "pyclient"
