@@ -21,12 +21,16 @@ from __future__ import annotations
 import array
 import asyncio
 import logging
+import os
 import socket
+import struct
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
 MAX_FDS_PER_MESSAGE = 16
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4) + socket.CMSG_SPACE(_UCRED.size)
 
 
 def address(pid: int) -> bytes:
@@ -49,7 +53,9 @@ def send(fd: int, pid: int) -> bool:
 
 class Receiver:
     """This worker's handoff address, read by the event loop: each socket received is
-    given to `adopt` (which owns it from then on)."""
+    given to `adopt` (which owns it from then on). An abstract address has no file
+    permissions, so the kernel's credentials of each message are checked: only a process
+    of this user is heard, and only TCP sockets are taken."""
 
     def __init__(self, pid: int, adopt: Callable[[socket.socket], None]) -> None:
         self.adopt = adopt
@@ -59,8 +65,10 @@ class Receiver:
         except OSError:
             self._sock.close()
             raise
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._sock.setblocking(False)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.refused = 0  # messages or sockets not taken (another user's, not TCP)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -69,19 +77,39 @@ class Receiver:
     def _receive(self) -> None:
         while True:
             try:
-                _, fds, _, _ = socket.recv_fds(self._sock, 16, MAX_FDS_PER_MESSAGE)
+                _, ancdata, _, _ = self._sock.recvmsg(16, _ANCILLARY)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 log.exception("connection handoff: receive failed")
                 return
+            fds: list[int] = []
+            uid = None
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    usable = len(data) - len(data) % 4
+                    fds += array.array("i", data[:usable])
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    uid = _UCRED.unpack(data[: _UCRED.size])[1]
             for fd in fds:
-                sock = socket.socket(fileno=fd)
-                try:
-                    self.adopt(sock)
-                except Exception:
-                    log.exception("connection handoff: could not adopt a connection")
-                    sock.close()
+                self._take(fd, trusted=uid == os.getuid())
+
+    def _take(self, fd: int, trusted: bool) -> None:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket
+            os.close(fd)
+            self.refused += 1
+            return
+        if not trusted or sock.type != socket.SOCK_STREAM or sock.family not in _TCP:
+            sock.close()
+            self.refused += 1
+            return
+        try:
+            self.adopt(sock)
+        except Exception:
+            log.exception("connection handoff: could not adopt a connection")
+            sock.close()
 
     def close(self) -> None:
         """Stop listening; a connection sent meanwhile is closed with the socket."""
@@ -89,3 +117,6 @@ class Receiver:
             self._loop.remove_reader(self._sock.fileno())
         self._loop = None
         self._sock.close()
+
+
+_TCP = (socket.AF_INET, socket.AF_INET6)

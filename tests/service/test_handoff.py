@@ -47,3 +47,24 @@ def test_nothing_is_sent_where_no_worker_listens() -> None:
     receiver.close()
     with socket.socket() as sock:
         assert handoff.send(sock.fileno(), name) is False
+
+
+def test_only_tcp_sockets_are_taken() -> None:
+    async def run() -> None:
+        taken: list[socket.socket] = []
+        name = os.getpid() + 7_000_000
+        receiver = handoff.Receiver(name, taken.append)
+        receiver.start(asyncio.get_running_loop())
+        try:
+            left, right = socket.socketpair()  # a Unix stream socket: not a client connection
+            with left, right:
+                assert handoff.send(left.fileno(), name)
+            for _ in range(100):
+                if receiver.refused:
+                    break
+                await asyncio.sleep(0.01)
+            assert (receiver.refused, taken) == (1, [])
+        finally:
+            receiver.close()
+
+    asyncio.run(run())
