@@ -316,6 +316,8 @@ def receive_handoffs() -> bool:
 
 
 def stop_handoffs() -> None:
+    """At shutdown: stop listening; a sibling's send fails from then on and it keeps
+    the connection."""
     global _receiver
     if _receiver is not None:
         _receiver.close()
