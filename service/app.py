@@ -317,7 +317,7 @@ def create_app(settings: Settings) -> FastAPI:
             shared = os.environ.get(MULTIPROC_ENV)
             moved, passed = metrics.connections_moved.inc, metrics.connections_handed_off.inc
             if worker_share.join(shared, moved, passed) is not None:
-                arrival.receive_handoffs()
+                arrival.receive_handoffs(lambda: bool(app.state.shutting_down))
         if settings.gc_freeze:
             gc.collect()
             gc.freeze()

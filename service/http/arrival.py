@@ -45,6 +45,8 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any, ClassVar, Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -261,24 +263,32 @@ class HandoffAdopter:
         server: Server,
         protocol_class: type[ArrivalHttpToolsProtocol],
         loop: asyncio.AbstractEventLoop,
+        stopping: Callable[[], bool],
     ) -> None:
         self.server, self.protocol_class, self.loop = server, protocol_class, loop
+        self.stopping = stopping  # the app's drain has begun
         self._pending: set[asyncio.Task[Any]] = set()
 
     def __call__(self, sock: socket.socket) -> None:
-        task = self.loop.create_task(self.loop.connect_accepted_socket(self._protocol, sock))
+        # Passed here while this worker drains or stops: serve the request its client
+        # sent, then close, as with the connections it had; and take no more (a sibling's
+        # next send fails and it keeps the connection), else each of its clients would
+        # come back, be passed here again and be closed again until this worker is gone.
+        closing = self.server.should_exit or self.stopping()
+        if closing:
+            stop_handoffs()
+        protocol = partial(self._protocol, closing)
+        task = self.loop.create_task(self.loop.connect_accepted_socket(protocol, sock))
         self._pending.add(task)
         task.add_done_callback(lambda t: self._adopted(t, sock))
 
-    def _protocol(self) -> ArrivalHttpToolsProtocol:
+    def _protocol(self, closing: bool) -> ArrivalHttpToolsProtocol:
         server = self.server
         protocol = self.protocol_class(
             config=server.config, server_state=server.server_state, app_state=server.lifespan.state
         )
         protocol._adopted = True
-        # passed here while this worker stops (its listener already closed): serve the
-        # request its client sent, then close, as the connections it had are
-        protocol._close_first = server.should_exit
+        protocol._close_first = closing
         return protocol
 
     def _adopted(self, task: asyncio.Task[Any], sock: socket.socket) -> None:
@@ -291,9 +301,9 @@ class HandoffAdopter:
 _receiver: handoff.Receiver | None = None
 
 
-def receive_handoffs() -> bool:
+def receive_handoffs(stopping: Callable[[], bool] = lambda: False) -> bool:
     """At a worker's start-up, in its event loop, after joining the ledger: take the
-    connections sibling workers pass here. uvicorn gives the app no handle on its server;
+    connections sibling workers pass here (until `stopping()`: the app's drain). uvicorn gives the app no handle on its server;
     its SIGTERM handler is the server's bound method (uvicorn installs it with
     signal.signal for the whole run, as `drain_on_sigterm` relies on too). False (others
     keep their connections and send them away with `Connection: close`) where none is
@@ -307,7 +317,9 @@ def receive_handoffs() -> bool:
         return False  # only this protocol passes connections on; its siblings run the same
     loop = asyncio.get_running_loop()
     try:
-        _receiver = handoff.Receiver(os.getpid(), HandoffAdopter(server, protocol_class, loop))
+        _receiver = handoff.Receiver(
+            os.getpid(), HandoffAdopter(server, protocol_class, loop, stopping)
+        )
     except OSError as e:
         log.warning("connection handoff off in this worker: %s", e)
         return False

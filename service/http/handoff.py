@@ -75,7 +75,7 @@ class Receiver:
         loop.add_reader(self._sock.fileno(), self._receive)
 
     def _receive(self) -> None:
-        while True:
+        while self._loop is not None:  # not closed by an `adopt` of this round
             try:
                 _, ancdata, _, _ = self._sock.recvmsg(16, _ANCILLARY)
             except (BlockingIOError, InterruptedError):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from pathlib import Path
+from typing import Any
 
 from service.http import handoff
 
@@ -68,3 +70,54 @@ def test_only_tcp_sockets_are_taken() -> None:
             receiver.close()
 
     asyncio.run(run())
+
+
+def test_a_connection_passed_to_a_draining_worker_is_served_once_and_no_more_are_taken(
+    tmp_path: Path,
+) -> None:
+    """The adopter of a worker whose drain has begun: the request the client sent is
+    answered, with `Connection: close`, and the worker stops taking connections."""
+    import uvicorn
+
+    from service.http import arrival, worker_share
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = [(b"content-length", b"6")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"served"})
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        config = uvicorn.Config(app, http=arrival.ArrivalHttpToolsProtocol, lifespan="off")
+        config.load()
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)  # as Server.serve sets it
+        adopter = arrival.HandoffAdopter(
+            server, arrival.ArrivalHttpToolsProtocol, loop, stopping=lambda: True
+        )
+        receiver = arrival._receiver = handoff.Receiver(os.getpid() + 8_000_000, adopter)
+        receiver.start(loop)
+        try:
+            with socket.create_server(("127.0.0.1", 0)) as listener:
+                client = socket.create_connection(listener.getsockname())
+                accepted, _ = listener.accept()
+                client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                accepted.setblocking(False)
+                adopter(accepted)
+                assert arrival._receiver is None  # stopped: a sibling's next send fails
+                answer = b""
+                with client:
+                    client.setblocking(False)
+                    while not answer.endswith(b"served"):
+                        answer += await asyncio.wait_for(loop.sock_recv(client, 1024), 5)
+                    assert await asyncio.wait_for(loop.sock_recv(client, 1024), 5) == b""
+                head = answer.split(b"\r\n\r\n")[0].lower()
+                assert head.startswith(b"http/1.1 200") and b"connection: close" in head
+        finally:
+            arrival.stop_handoffs()
+
+    worker_share.join(str(tmp_path))
+    try:
+        asyncio.run(run())
+    finally:
+        worker_share.leave()
