@@ -110,6 +110,11 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
         1.0,
         True,
     )
+    # what the second worker buys, from runs of the same rounds (not a target)
+    beside = _get(http, "workers_beside", "2") or {}
+    one_c16 = _get(beside, "rank_warm_c16", "rps")
+    if w2_c16 is not None and one_c16:
+        derived["rate_workers2_over_one_c16"] = w2_c16 / one_c16
     cl = _get(http, "cluster") or {}
     target("warm /rank p50 cluster / one Redis (push, c=1)", cl.get("p50_ratio_push_c1"), 1.2)
     target("warm /rank p50 cluster / one Redis (strict, c=1)", cl.get("p50_ratio_strict_c1"), 1.2)

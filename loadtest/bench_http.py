@@ -88,10 +88,16 @@ def worker_runs(
     bodies: list[bytes | None],
     tool: str,
     out_dir: Path,
-) -> dict[str, Any]:
+    one: LocalService,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The warm /rank runs again against N worker processes on the same Redis (the warm
-    states the single process wrote there are read once per worker, then cached)."""
+    states the single process wrote there are read once per worker, then cached), each
+    run beside one of the same length against the single process `one`, in turn (every
+    other round in reverse): the box's speed moves by half within minutes, so the worker
+    phase is compared with single-process runs of the same rounds, not with the load
+    phase minutes before. Returns (N workers, the single process beside them), by N."""
     out: dict[str, Any] = {}
+    beside: dict[str, Any] = {}
     for n in plan.worker_counts:
         svc = LocalService(
             artifacts_dir=artifacts,
@@ -106,31 +112,41 @@ def worker_runs(
                     conn = http.client.HTTPConnection(svc.host, svc.port, timeout=120)
                     post(conn, "/rank", rank_body(u, [1, 2, 3], budget_ms=60_000))
                     conn.close()
-            loader = Loader(tool, svc)
+            loaders = [(n, Loader(tool, svc)), (1, Loader(tool, one))]
             series: dict[str, list[dict[str, Any]]] = {}
-            for _ in range(plan.repeats):
+            series_one: dict[str, list[dict[str, Any]]] = {}
+            for rep in range(plan.repeats):
                 for c in plan.worker_concurrency:
-                    moved, passed = connections_moved(svc.base_url)
-                    r = loader.run("POST", "/rank", bodies, c, plan)
-                    # the generator's connections (warm-up and run) moved to even the
-                    # workers' share (the scrape's own connection may be one of them)
-                    moved_after, passed_after = connections_moved(svc.base_url)
-                    r["connections_moved"] = moved_after - moved
-                    r["connections_passed"] = passed_after - passed
-                    series.setdefault(f"rank_warm_c{c}", []).append(r)
+                    for k, loader in loaders if rep % 2 == 0 else loaders[::-1]:
+                        if k == 1:
+                            r = loader.run("POST", "/rank", bodies, c, plan)
+                            series_one.setdefault(f"rank_warm_c{c}", []).append(r)
+                            continue
+                        moved, passed = connections_moved(svc.base_url)
+                        r = loader.run("POST", "/rank", bodies, c, plan)
+                        # the generator's connections (warm-up and run) moved to even the
+                        # workers' share (the scrape's own connection may be one of them)
+                        moved_after, passed_after = connections_moved(svc.base_url)
+                        r["connections_moved"] = moved_after - moved
+                        r["connections_passed"] = passed_after - passed
+                        series.setdefault(f"rank_warm_c{c}", []).append(r)
+                    r, r1 = series[f"rank_warm_c{c}"][-1], series_one[f"rank_warm_c{c}"][-1]
                     log.info(
-                        "%d workers c=%-3d p50 %.2f ms  p99 %.2f ms  %.0f req/s  errors %d",
+                        "%d workers c=%-3d p50 %.2f ms  p99 %.2f ms  %.0f req/s  errors %d "
+                        "(one process beside: %.0f req/s)",
                         n,
                         c,
                         r["p50_ms"],
                         r["p99_ms"],
                         r["rps"],
                         r["errors"],
+                        r1["rps"],
                     )
             out[str(n)] = {k: median_summary(v) for k, v in series.items()}
+            beside[str(n)] = {k: median_summary(v) for k, v in series_one.items()}
         finally:
             svc.stop()
-    return out
+    return out, beside
 
 
 def seed_warm_users(client: Any, plan: BenchPlan) -> None:
@@ -284,8 +300,8 @@ def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> d
         result["refresh_100"] = summarise_samples(samples)
         conn.close()
         result["rss_mib_end"] = proc_rss_mib(svc.pid)
-        result["workers"] = worker_runs(
-            plan, artifacts, svc.start_redis(), users, bodies, loader.tool, out_dir
+        result["workers"], result["workers_beside"] = worker_runs(
+            plan, artifacts, svc.start_redis(), users, bodies, loader.tool, out_dir, svc
         )
         from loadtest.bench_variants import variants_bench
 

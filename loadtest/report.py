@@ -176,17 +176,23 @@ def markdown(rep: dict[str, Any]) -> str:
                     f"| {_fmt(r.get('max_ms'))} | {r.get('errors')}{f' ({shed})' if shed else ''} |"
                 )
         for n, runs in (http.get("workers") or {}).items():
+            paired = (http.get("workers_beside") or {}).get(n)
             lines += [
                 "",
-                f"Warm /rank against {n} worker processes (same Redis, same bodies; 1 process "
-                "above for comparison):",
+                f"Warm /rank against {n} worker processes (same Redis, same bodies) "
+                + (
+                    "beside the single process in the same rounds, in turn (every other "
+                    "round in reverse):"
+                    if paired
+                    else "and the single process above:"
+                ),
                 "",
                 f"| conc. | 1 process p50 / p99 ms | req/s | {n} processes p50 / p99 ms | req/s "
                 "| connections passed on / sent away |",
                 "|---:|---:|---:|---:|---:|---:|",
             ]
             for key, r in runs.items():
-                one = load.get(key) or {}
+                one = (paired or load).get(key) or {}
                 lines.append(
                     f"| {key.rpartition('_c')[2]} | {_fmt(one.get('p50_ms'))} / "
                     f"{_fmt(one.get('p99_ms'))} | {_fmt(one.get('rps'), 0)} | "

@@ -83,6 +83,23 @@ def test_the_two_worker_rate_at_16_connections_is_judged_against_its_rate_at_1()
     assert {t["name"]: t for t in falling["targets"]}[name]["ok"] is False
 
 
+def test_two_workers_are_compared_with_the_single_process_of_the_same_rounds() -> None:
+    w2 = {"rank_warm_c16": _load(11.0, 18.0, 1300)}
+    beside = {"rank_warm_c16": _load(18.0, 24.0, 800)}
+    load = {"rank_warm_c16": _load(14.0, 20.0, 1000)}  # minutes earlier, the box faster
+    rep: dict[str, Any] = {
+        "http": {"load": load, "workers": {"2": w2}, "workers_beside": {"2": beside}}
+    }
+    assert derive(rep)["rate_workers2_over_one_c16"] == pytest.approx(1300 / 800)
+    md = report.markdown({**rep, "derived": derive(rep), "mode": "quick", "command": "x"})
+    assert "beside the single process in the same rounds" in md
+    assert "| 16 | 18.00 / 24.00 | 800 | 11.00 / 18.00 | 1300 |" in md
+    # an older report without the paired runs: the load phase's single process
+    del rep["http"]["workers_beside"]
+    md = report.markdown({**rep, "derived": derive(rep), "mode": "quick", "command": "x"})
+    assert "| 16 | 14.00 / 20.00 | 1000 | 11.00 / 18.00 | 1300 |" in md
+
+
 def test_derive_without_measurements_marks_targets_unknown() -> None:
     d = derive({})
     assert d["targets"] and all(t["ok"] is None for t in d["targets"])
@@ -193,6 +210,10 @@ def test_tiny_end_to_end_bench_writes_the_contracted_report(
     for r in workers.values():
         moves = r["connections_moved"] + r["connections_passed"]
         assert 0 <= moves <= 2 * r["concurrency"] + 1, r
+    # beside each, the single process in the same rounds
+    beside = http["workers_beside"]["2"]
+    assert beside.keys() == workers.keys()
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in beside.values()), beside
     assert "| connections passed on / sent away |" in md
     assert (out / "bench_http_latency.png").stat().st_size > 0
 
