@@ -123,7 +123,10 @@ def worker_runs(
                             series_one.setdefault(f"rank_warm_c{c}", []).append(r)
                             continue
                         moved, passed = connections_moved(svc.base_url)
+                        before = stage_sums(svc.base_url)
                         r = loader.run("POST", "/rank", bodies, c, plan)
+                        # the workers' own clock beside the generator's (merged /metrics)
+                        r["server_stage_mean_ms"] = stage_means(before, stage_sums(svc.base_url))
                         # the generator's connections (warm-up and run) moved to even the
                         # workers' share (the scrape's own connection may be one of them)
                         moved_after, passed_after = connections_moved(svc.base_url)

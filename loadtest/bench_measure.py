@@ -19,7 +19,7 @@ import numpy as np
 from loadtest import httpload, wrk
 from loadtest.bench_plan import FIGURES, BenchPlan
 from loadtest.server import LocalService
-from loadtest.sysinfo import cpu_ticks, steal_pct, tree_cpu_s
+from loadtest.sysinfo import cpu_ticks, redis_cpu_s, steal_pct, tree_cpu_s
 
 log = logging.getLogger("loadtest.bench")
 
@@ -45,6 +45,11 @@ class Loader:
     def run(
         self, method: str, path: str, bodies: list[bytes | None], concurrency: int, plan: BenchPlan
     ) -> dict[str, Any]:
+        # one Redis only: INFO on one node of a cluster is a part of its CPU
+        flag = self.svc.settings_env.get("IFA_REDIS_CLUSTER", "").strip().lower()
+        cluster = flag in ("1", "true", "yes", "on")
+        redis_url = None if cluster else self.svc.redis_url
+        redis0 = redis_cpu_s(redis_url)
         cpu0 = tree_cpu_s(self.svc.pid)  # the workers too, where there are several
         ticks0 = cpu_ticks()
         t0 = time.perf_counter()
@@ -64,6 +69,9 @@ class Loader:
         served = out["rps"] * wall if out["rps"] else 0.0
         out["server_cpu_ms_per_req"] = 1e3 * cpu / served if served else float("nan")
         out["server_cpu_cores"] = cpu / wall if wall else float("nan")
+        redis1 = redis_cpu_s(redis_url)
+        if redis0 is not None and redis1 is not None and served:
+            out["redis_cpu_ms_per_req"] = 1e3 * (redis1 - redis0) / served
         out["steal_pct"] = steal_pct(ticks0, cpu_ticks())
         return out
 
@@ -153,6 +161,7 @@ def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "server_cpu_cores",
         "steal_pct",
         "client_cpu_us_per_req",
+        "redis_cpu_ms_per_req",
         "inprocess_score_ms",
         "connections_moved",
         "connections_passed",

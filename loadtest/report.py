@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from loadtest.bench_shortfall import shortfall_lines
+
 
 def _num(d: Any, *keys: str) -> float | None:
     for k in keys:
@@ -124,6 +126,7 @@ def markdown(rep: dict[str, Any]) -> str:
         lines.append(
             f"| {t['name']} | {_fmt(t.get('value'))} | {t.get('op', '')} {_fmt(t['target'])} | {ok} |"
         )
+    lines += shortfall_lines(derived.get("shortfalls") or [])
 
     load = http.get("load") or {}
     if load:

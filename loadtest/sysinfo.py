@@ -156,6 +156,25 @@ def tree_cpu_s(pid: int) -> float:
     return proc_cpu_s(pid) + sum(proc_cpu_s(p) for p in descendants(pid))
 
 
+def redis_cpu_s(url: str | None) -> float | None:
+    """User + system CPU seconds Redis reports for itself (`INFO cpu`), or None where it
+    cannot be asked. The box's third consumer beside the service and the generator: the
+    warm path's push channel, the impression log and any strict check land there."""
+    if not url:
+        return None
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        try:
+            info = client.info("cpu")
+        finally:
+            client.close()
+        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+    except Exception:  # a figure left out, never a failed run
+        return None
+
+
 def proc_rss_mib(pid: int, field: str = "VmRSS") -> float:
     """A process' resident set in MiB (`field` "VmHWM": its peak); NaN if unreadable."""
     with contextlib.suppress(OSError):

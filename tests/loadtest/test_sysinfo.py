@@ -69,3 +69,34 @@ def test_a_process_tree_counts_the_cpu_of_its_children() -> None:
         parent.stdin.close()
         parent.wait(timeout=30)
     assert parent.pid not in descendants(os.getpid())
+
+
+def test_redis_reports_the_cpu_its_work_took(redis_url: str) -> None:
+    import redis
+
+    from loadtest.sysinfo import redis_cpu_s
+
+    before = redis_cpu_s(redis_url)
+    assert before is not None and before >= 0.0
+    client = redis.Redis.from_url(redis_url)
+    try:
+        value = b"x" * 4096
+        deadline = time.perf_counter() + 0.5
+        while time.perf_counter() < deadline:  # enough commands for Redis to spend CPU
+            pipe = client.pipeline(transaction=False)
+            for i in range(200):
+                pipe.set(f"cpu-{i}", value)
+                pipe.get(f"cpu-{i}")
+            pipe.execute()
+    finally:
+        client.close()
+    after = redis_cpu_s(redis_url)
+    assert after is not None and after > before
+
+
+def test_a_redis_that_cannot_be_asked_gives_no_cpu_figure() -> None:
+    from loadtest.sysinfo import redis_cpu_s
+    from service.store.embedded_redis import free_port
+
+    assert redis_cpu_s(None) is None
+    assert redis_cpu_s(f"redis://127.0.0.1:{free_port()}/0") is None  # nothing listens
