@@ -5,16 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from loadtest.bench_shortfall import dig as _get
 from loadtest.bench_shortfall import shortfalls
-
-
-# ---------------------------------------------------------------------- derived figures
-def _get(d: Any, *path: str) -> Any:
-    for p in path:
-        if not isinstance(d, dict) or p not in d:
-            return None
-        d = d[p]
-    return d
 
 
 def derive(report: dict[str, Any]) -> dict[str, Any]:
@@ -76,39 +68,21 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
     # not inflated by queueing), then the saturated rate (c=8), whose latency is c / rate
     # by Little's law (8 / 300 req/s = 27 ms) and so is reported, not targeted.
     target("p50_c1", "warm /rank p50 ms (N=100k, M=500, c=1)", rank, 3.0)
+    p99_c1, c1 = _get(load, "rank_warm_c1", "p99_ms"), _get(load, "rank_warm_c1", "rps")
+    target("p99_c1", "warm /rank p99 ms (N=100k, M=500, c=1)", p99_c1, 10.0)
     target(
-        "p99_c1",
-        "warm /rank p99 ms (N=100k, M=500, c=1)",
-        _get(load, "rank_warm_c1", "p99_ms"),
-        10.0,
+        "rate_c1", "warm /rank req/s in the same c=1 runs (generator on the box)", c1, 300.0, True
     )
-    target(
-        "rate_c1",
-        "warm /rank req/s in the same c=1 runs (generator on the box)",
-        _get(load, "rank_warm_c1", "rps"),
-        300.0,
-        higher_is_better=True,
-    )
-    target(
-        "rate_c8",
-        "warm /rank req/s (c=8, saturated)",
-        _get(load, "rank_warm_c8", "rps"),
-        300.0,
-        higher_is_better=True,
-    )
+    c8 = _get(load, "rank_warm_c8", "rps")
+    target("rate_c8", "warm /rank req/s (c=8, saturated)", c8, 300.0, higher_is_better=True)
     # The throughput targets: the saturated rate at 16 connections and its tail, and a
     # rate that does not fall as connections are added.
     c16 = _get(load, "rank_warm_c16", "rps")
     target("rate_c16", "warm /rank req/s (c=16)", c16, 1000.0, higher_is_better=True)
     target("p99_c16", "warm /rank p99 ms (c=16)", _get(load, "rank_warm_c16", "p99_ms"), 15.0)
     target("p50_c1_throughput", "warm /rank p50 ms (M=500, c=1), throughput target", rank, 2.0)
-    target(
-        "p99_m2000_c1",
-        "warm /rank p99 ms (M=2000, c=1)",
-        _get(load, "rank_warm_m2000_c1", "p99_ms"),
-        10.0,
-    )
-    c1 = _get(load, "rank_warm_c1", "rps")
+    p99_m2000 = _get(load, "rank_warm_m2000_c1", "p99_ms")
+    target("p99_m2000_c1", "warm /rank p99 ms (M=2000, c=1)", p99_m2000, 10.0)
     if c16 is not None and c1:
         derived["rate_c16_over_c1"] = c16 / c1
     target(

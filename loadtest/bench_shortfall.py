@@ -24,7 +24,8 @@ from typing import Any
 Explainer = Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], tuple[dict[str, Any], str]]
 
 
-def _get(d: Any, *path: str) -> Any:
+def dig(d: Any, *path: str) -> Any:
+    """d[path[0]][path[1]]..., or None where a step is missing (reports differ by age)."""
     for p in path:
         if not isinstance(d, dict) or p not in d:
             return None
@@ -65,7 +66,7 @@ def closed_loop_figures(
         "service_cores": run.get("server_cpu_cores"),
         "cores": cores,
         "box_ceiling_rps": cores * 1e3 / box if cores and box else None,
-        "app_mean_ms": _get(run, "server_stage_mean_ms", "app"),
+        "app_mean_ms": dig(run, "server_stage_mean_ms", "app"),
     }
     if out["app_mean_ms"] is not None and mean is not None:
         out["outside_app_ms"] = mean - out["app_mean_ms"]
@@ -135,14 +136,14 @@ def _need_sentence(fig: dict[str, Any], target: float) -> str:
 
 
 def _cores(rep: dict[str, Any]) -> float | None:
-    cores = _get(rep, "machine", "cores_available") or _get(rep, "machine", "cores_logical")
+    cores = dig(rep, "machine", "cores_available") or dig(rep, "machine", "cores_logical")
     return float(cores) if cores else None
 
 
 def _explain_workers_c16(
     rep: dict[str, Any], d: dict[str, Any], t: dict[str, Any]
 ) -> tuple[dict[str, Any], str]:
-    run = _get(rep, "http", "workers", "2", "rank_warm_c16") or {}
+    run = dig(rep, "http", "workers", "2", "rank_warm_c16") or {}
     fig = closed_loop_figures(run, 16, 15.0, _cores(rep))
     text = "Two worker processes, " + _tail_sentence(fig) + _where_cpu(fig)
     return fig, text + _need_sentence(fig, 15.0)
@@ -151,7 +152,7 @@ def _explain_workers_c16(
 def _explain_one_process_c16(
     rep: dict[str, Any], d: dict[str, Any], t: dict[str, Any]
 ) -> tuple[dict[str, Any], str]:
-    run = _get(rep, "http", "load", "rank_warm_c16") or {}
+    run = dig(rep, "http", "load", "rank_warm_c16") or {}
     fig = closed_loop_figures(run, 16, 15.0, _cores(rep))
     service = fig["service_cpu_ms"]
     text = "One process, " + _tail_sentence(fig)
@@ -184,7 +185,7 @@ def _explain_c1_p50(
         terms.get(k) for k in ("rank_warm_p50", "healthz_p50", "inprocess_score_m500")
     )
     if p50 is None:
-        p50 = _get(rep, "http", "load", "rank_warm_c1", "p50_ms")
+        p50 = dig(rep, "http", "load", "rank_warm_c1", "p50_ms")
     fig: dict[str, Any] = {"p50_ms": p50, "healthz_p50_ms": hz, "inprocess_score_ms": score}
     if t["key"] != "overhead_ratio":
         fig["p50_limit_ms"] = float(t["target"])
@@ -230,8 +231,8 @@ def _explain_c1_p50(
 def _explain_m2000(
     rep: dict[str, Any], d: dict[str, Any], t: dict[str, Any]
 ) -> tuple[dict[str, Any], str]:
-    run = _get(rep, "http", "load", "rank_warm_m2000_c1") or {}
-    by_m = _get(d, "inprocess", "score_ms") or {}
+    run = dig(rep, "http", "load", "rank_warm_m2000_c1") or {}
+    by_m = dig(d, "inprocess", "score_ms") or {}
     score = by_m.get(2000, by_m.get("2000"))  # int keys, or str once read back from JSON
     fig = {
         "p50_ms": run.get("p50_ms"),
@@ -252,7 +253,7 @@ def _explain_m2000(
 def _explain_rate_ratio(
     rep: dict[str, Any], d: dict[str, Any], t: dict[str, Any]
 ) -> tuple[dict[str, Any], str]:
-    run = _get(rep, "http", "load", "rank_warm_c1") or {}
+    run = dig(rep, "http", "load", "rank_warm_c1") or {}
     fig = {"rps_c1": run.get("rps"), "service_cores_c1": run.get("server_cpu_cores")}
     text = (
         f"One process at one connection already kept {_f(fig['service_cores_c1'])} of a core "
@@ -277,7 +278,7 @@ def _explain_variant_pair(
     """A ratio of two interleaved variants: the runs behind it and their own spread, so a
     reader can tell the box's drift from a cost."""
     a_key, a_label, b_key, b_label = VARIANT_PAIRS[t["key"]]
-    runs = _get(rep, "http", "cluster", "runs") or {}
+    runs = dig(rep, "http", "cluster", "runs") or {}
     a, b = runs.get(a_key) or {}, runs.get(b_key) or {}
 
     def p50s(x: dict[str, Any]) -> list[float]:
