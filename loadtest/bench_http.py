@@ -24,6 +24,7 @@ from loadtest.bench_measure import (
     inprocess_scorer,
     measure_ceilings,
     median_summary,
+    metric_families,
     post,
     rank_body,
     stage_means,
@@ -122,14 +123,16 @@ def worker_runs(
                             r = loader.run("POST", "/rank", bodies, c, plan)
                             series_one.setdefault(f"rank_warm_c{c}", []).append(r)
                             continue
-                        moved, passed = connections_moved(svc.base_url)
-                        before = stage_sums(svc.base_url)
+                        # one scrape each side: the workers' own clock beside the
+                        # generator's, and the generator's connections (warm-up and run)
+                        # moved to even the workers' share (the scrape's own connection
+                        # may be one of them)
+                        scrape = metric_families(svc.base_url)
+                        (moved, passed), before = connections_moved(scrape), stage_sums(scrape)
                         r = loader.run("POST", "/rank", bodies, c, plan)
-                        # the workers' own clock beside the generator's (merged /metrics)
-                        r["server_stage_mean_ms"] = stage_means(before, stage_sums(svc.base_url))
-                        # the generator's connections (warm-up and run) moved to even the
-                        # workers' share (the scrape's own connection may be one of them)
-                        moved_after, passed_after = connections_moved(svc.base_url)
+                        scrape = metric_families(svc.base_url)
+                        r["server_stage_mean_ms"] = stage_means(before, stage_sums(scrape))
+                        moved_after, passed_after = connections_moved(scrape)
                         r["connections_moved"] = moved_after - moved
                         r["connections_passed"] = passed_after - passed
                         series.setdefault(f"rank_warm_c{c}", []).append(r)
@@ -234,13 +237,16 @@ def http_bench(plan: BenchPlan, artifacts: str, out_dir: Path, choice: str) -> d
                     runs.append((f"rank_warm_m{plan.m_large}", "POST", "/rank", bodies_large))
                 for name, method, path, bs in runs:
                     key = f"{name}_c{c}"
-                    before = stage_sums(svc.base_url) if name == "rank_warm" else None
+                    before = (
+                        stage_sums(metric_families(svc.base_url)) if name == "rank_warm" else None
+                    )
                     scorer_ms = scorer() if name == "rank_warm" and c == 1 else None
                     r = loader.run(method, path, bs, c, plan)
                     if scorer_ms is not None:
                         r["inprocess_score_ms"] = scorer_ms
                     if before is not None:
-                        r["server_stage_mean_ms"] = stage_means(before, stage_sums(svc.base_url))
+                        after = stage_sums(metric_families(svc.base_url))
+                        r["server_stage_mean_ms"] = stage_means(before, after)
                     series.setdefault(key, []).append(r)
                     log.info(
                         "rep %d %-14s p50 %.2f ms  p99 %.2f ms  %.0f req/s  errors %d",

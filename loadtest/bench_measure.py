@@ -18,6 +18,7 @@ import numpy as np
 
 from loadtest import httpload, wrk
 from loadtest.bench_plan import FIGURES, BenchPlan
+from loadtest.seed import env_cluster
 from loadtest.server import LocalService
 from loadtest.sysinfo import cpu_ticks, redis_cpu_s, steal_pct, tree_cpu_s
 
@@ -46,9 +47,7 @@ class Loader:
         self, method: str, path: str, bodies: list[bytes | None], concurrency: int, plan: BenchPlan
     ) -> dict[str, Any]:
         # one Redis only: INFO on one node of a cluster is a part of its CPU
-        flag = self.svc.settings_env.get("IFA_REDIS_CLUSTER", "").strip().lower()
-        cluster = flag in ("1", "true", "yes", "on")
-        redis_url = None if cluster else self.svc.redis_url
+        redis_url = None if env_cluster(self.svc.settings_env) else self.svc.redis_url
         redis0 = redis_cpu_s(redis_url)
         cpu0 = tree_cpu_s(self.svc.pid)  # the workers too, where there are several
         ticks0 = cpu_ticks()
@@ -109,11 +108,11 @@ def metric_families(base_url: str) -> list[Any]:
         return list(text_string_to_metric_families(resp.read().decode()))
 
 
-def stage_sums(base_url: str) -> dict[str, tuple[float, float]]:
+def stage_sums(families: list[Any]) -> dict[str, tuple[float, float]]:
     """(sum seconds, count) of the service's /rank histograms: the whole request as the
-    app sees it (`app`) and each stage, read from its own /metrics."""
+    app sees it (`app`) and each stage, from a scrape of its /metrics (`metric_families`)."""
     sums: dict[str, list[float]] = {}
-    for family in metric_families(base_url):
+    for family in families:
         if family.name not in (
             "ifa_rank_request_duration_seconds",
             "ifa_rank_stage_duration_seconds",
@@ -128,13 +127,13 @@ def stage_sums(base_url: str) -> dict[str, tuple[float, float]]:
     return {k: (v[0], v[1]) for k, v in sums.items()}
 
 
-def connections_moved(base_url: str) -> tuple[float, float]:
-    """From the service's /metrics (merged over its workers), connections moved to even
+def connections_moved(families: list[Any]) -> tuple[float, float]:
+    """From a scrape of the service's /metrics (merged over its workers), connections moved to even
     the workers' share: sent away with `Connection: close`
     (`ifa_connections_moved_total`) and passed on unread
     (`ifa_connections_handed_off_total`)."""
     totals = dict.fromkeys(("ifa_connections_moved", "ifa_connections_handed_off"), 0.0)
-    for family in metric_families(base_url):
+    for family in families:
         if family.name in totals:
             totals[family.name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
     return totals["ifa_connections_moved"], totals["ifa_connections_handed_off"]

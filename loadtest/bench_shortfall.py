@@ -13,13 +13,15 @@ itself, so that every report carries its own account:
   beside the scorer timed in the bench process.
 
 `shortfalls(report, derived)` gives one entry per missed target: its key, name, value
-and target, the figures used, and a sentence for the report.
+and target, the figures used, and a sentence for the report (`report.shortfall_lines`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+from loadtest.report import fmt as _f
 
 Explainer = Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], tuple[dict[str, Any], str]]
 
@@ -31,12 +33,6 @@ def dig(d: Any, *path: str) -> Any:
             return None
         d = d[p]
     return d
-
-
-def _f(v: float | None, digits: int = 2) -> str:
-    if v is None or v != v:
-        return "n/a"
-    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.{digits}f}"
 
 
 def closed_loop_figures(
@@ -354,22 +350,3 @@ def shortfalls(report: dict[str, Any], derived: dict[str, Any]) -> list[dict[str
             entry["figures"], entry["text"] = explain(report, derived, t)
         out.append(entry)
     return out
-
-
-def shortfall_lines(entries: list[dict[str, Any]]) -> list[str]:
-    """The report's section: a bullet per missed target."""
-    if not entries:
-        return []
-    lines = [
-        "",
-        "## Missed targets: where the time went, what it would take",
-        "",
-        "From this run's own figures (docs/performance.md has what was tried).",
-        "",
-    ]
-    for e in entries:
-        lines.append(
-            f"* **{e['name']}**: {_f(e['value'])} against {e.get('op') or ''} "
-            f"{_f(e['target'])}. {e['text']}"
-        )
-    return lines

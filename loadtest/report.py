@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from loadtest.bench_shortfall import shortfall_lines
-
 
 def _num(d: Any, *keys: str) -> float | None:
     for k in keys:
@@ -70,7 +68,7 @@ def inprocess_figures(ip: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fmt(v: Any, digits: int = 2) -> str:
+def fmt(v: Any, digits: int = 2) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
@@ -89,7 +87,7 @@ def _ms_table(header: str, by_size: dict[str, Any]) -> list[str]:
     return [
         f"| {header} | " + " | ".join(str(k) for k in by_size) + " |",
         "|---|" + "---:|" * len(by_size),
-        "| ms | " + " | ".join(_fmt(x, 3) for x in by_size.values()) + " |",
+        "| ms | " + " | ".join(fmt(x, 3) for x in by_size.values()) + " |",
         "",
     ]
 
@@ -103,9 +101,9 @@ def markdown(rep: dict[str, Any]) -> str:
         f"# Benchmark ({rep.get('mode')}): `{rep.get('command')}`",
         "",
         f"{rep.get('created_at')} · {m.get('cpu_model')} · {m.get('cores_available')} cores · "
-        f"{m.get('memory_gib')} GiB · load avg at start {_fmt((m.get('load_avg_at_start') or [None])[0])}, "
-        f"end {_fmt((m.get('load_avg_at_end') or [None])[0])} · hypervisor steal over the run "
-        f"{_fmt(m.get('steal_pct'), 1)} % of the CPU",
+        f"{m.get('memory_gib')} GiB · load avg at start {fmt((m.get('load_avg_at_start') or [None])[0])}, "
+        f"end {fmt((m.get('load_avg_at_end') or [None])[0])} · hypervisor steal over the run "
+        f"{fmt(m.get('steal_pct'), 1)} % of the CPU",
         f"python {v.get('python')} · onnxruntime {v.get('onnxruntime') or v.get('onnxruntime-gpu')} · "
         f"numpy {v.get('numpy')} · ifa-rank {v.get('ifa-rank')} · {v.get('git_commit', '')}",
     ]
@@ -124,7 +122,7 @@ def markdown(rep: dict[str, Any]) -> str:
     for t in derived.get("targets", []):
         ok = {True: "yes", False: "**no**", None: "n/a"}[t.get("ok")]
         lines.append(
-            f"| {t['name']} | {_fmt(t.get('value'))} | {t.get('op', '')} {_fmt(t['target'])} | {ok} |"
+            f"| {t['name']} | {fmt(t.get('value'))} | {t.get('op', '')} {fmt(t['target'])} | {ok} |"
         )
     lines += shortfall_lines(derived.get("shortfalls") or [])
 
@@ -143,9 +141,9 @@ def markdown(rep: dict[str, Any]) -> str:
         for key, s in load.items():
             name, _, c = key.rpartition("_c")
             lines.append(
-                f"| {name} | {c} | {_fmt(s.get('p50_ms'))} | {_fmt(s.get('p90_ms'))} | "
-                f"{_fmt(s.get('p99_ms'))} | {_fmt(s.get('max_ms'))} | {_fmt(s.get('rps'), 0)} | "
-                f"{_fmt(s.get('server_cpu_ms_per_req'))} | {_fmt(s.get('steal_pct'), 1)} | "
+                f"| {name} | {c} | {fmt(s.get('p50_ms'))} | {fmt(s.get('p90_ms'))} | "
+                f"{fmt(s.get('p99_ms'))} | {fmt(s.get('max_ms'))} | {fmt(s.get('rps'), 0)} | "
+                f"{fmt(s.get('server_cpu_ms_per_req'))} | {fmt(s.get('steal_pct'), 1)} | "
                 f"{s.get('errors')}{' (' + str(s['shed']) + ')' if s.get('shed') else ''} |"
             )
         for name in ("cold", "refresh_100", "first_request", "warm_single"):
@@ -153,10 +151,10 @@ def markdown(rep: dict[str, Any]) -> str:
             if not s:
                 continue
             st = s.get("server_timings_ms_median", {})
-            stages = ", ".join(f"{k} {_fmt(x)}" for k, x in st.items())
+            stages = ", ".join(f"{k} {fmt(x)}" for k, x in st.items())
             lines.append(
-                f"| {name} (sequential) | 1 | {_fmt(s.get('p50_ms'))} | {_fmt(s.get('p90_ms'))} | "
-                f"{_fmt(s.get('p99_ms'))} | {_fmt(s.get('max_ms'))} | | server: {stages} | | "
+                f"| {name} (sequential) | 1 | {fmt(s.get('p50_ms'))} | {fmt(s.get('p90_ms'))} | "
+                f"{fmt(s.get('p99_ms'))} | {fmt(s.get('max_ms'))} | | server: {stages} | | "
                 f"{s.get('errors')}{' degraded ' + str(s['degraded']) if s.get('degraded') else ''} |"
             )
         ol = http.get("open_loop") or {}
@@ -165,7 +163,7 @@ def markdown(rep: dict[str, Any]) -> str:
                 "",
                 "Open loop (fixed arrival rate, latency from the intended send time, "
                 f"{next(iter(ol['runs'].values())).get('concurrency')} connections; "
-                f"saturated closed-loop rate {_fmt(ol.get('saturated_rps'), 0)} req/s):",
+                f"saturated closed-loop rate {fmt(ol.get('saturated_rps'), 0)} req/s):",
                 "",
                 "| load | target req/s | achieved req/s | p50 ms | p90 ms | p99 ms | max ms "
                 "| errors (of which 503) |",
@@ -174,9 +172,9 @@ def markdown(rep: dict[str, Any]) -> str:
             for frac, r in ol["runs"].items():
                 shed = (r.get("status") or {}).get("503", 0)
                 lines.append(
-                    f"| {float(frac):.0%} | {_fmt(r.get('target_rps'), 0)} | {_fmt(r.get('rps'), 0)} "
-                    f"| {_fmt(r.get('p50_ms'))} | {_fmt(r.get('p90_ms'))} | {_fmt(r.get('p99_ms'))} "
-                    f"| {_fmt(r.get('max_ms'))} | {r.get('errors')}{f' ({shed})' if shed else ''} |"
+                    f"| {float(frac):.0%} | {fmt(r.get('target_rps'), 0)} | {fmt(r.get('rps'), 0)} "
+                    f"| {fmt(r.get('p50_ms'))} | {fmt(r.get('p90_ms'))} | {fmt(r.get('p99_ms'))} "
+                    f"| {fmt(r.get('max_ms'))} | {r.get('errors')}{f' ({shed})' if shed else ''} |"
                 )
         for n, runs in (http.get("workers") or {}).items():
             paired = (http.get("workers_beside") or {}).get(n)
@@ -197,11 +195,11 @@ def markdown(rep: dict[str, Any]) -> str:
             for key, r in runs.items():
                 one = (paired or load).get(key) or {}
                 lines.append(
-                    f"| {key.rpartition('_c')[2]} | {_fmt(one.get('p50_ms'))} / "
-                    f"{_fmt(one.get('p99_ms'))} | {_fmt(one.get('rps'), 0)} | "
-                    f"{_fmt(r.get('p50_ms'))} / {_fmt(r.get('p99_ms'))} | {_fmt(r.get('rps'), 0)} "
-                    f"| {_fmt(r.get('connections_passed'), 0)} / "
-                    f"{_fmt(r.get('connections_moved'), 0)} |"
+                    f"| {key.rpartition('_c')[2]} | {fmt(one.get('p50_ms'))} / "
+                    f"{fmt(one.get('p99_ms'))} | {fmt(one.get('rps'), 0)} | "
+                    f"{fmt(r.get('p50_ms'))} / {fmt(r.get('p99_ms'))} | {fmt(r.get('rps'), 0)} "
+                    f"| {fmt(r.get('connections_passed'), 0)} / "
+                    f"{fmt(r.get('connections_moved'), 0)} |"
                 )
             lines += [
                 "",
@@ -220,39 +218,39 @@ def markdown(rep: dict[str, Any]) -> str:
         ]
         for tool, t in (gen.get("tools") or {}).items():
             lines.append(
-                f"* {tool}: {_fmt(t.get('client_cpu_us_per_req'), 1)} µs CPU/req → ceiling "
-                f"{_fmt(t.get('ceiling_rps_per_core'), 0)} req/s per core; measured /healthz "
-                f"{_fmt(t.get('healthz_rps'), 0)} req/s at c={t.get('concurrency')}"
+                f"* {tool}: {fmt(t.get('client_cpu_us_per_req'), 1)} µs CPU/req → ceiling "
+                f"{fmt(t.get('ceiling_rps_per_core'), 0)} req/s per core; measured /healthz "
+                f"{fmt(t.get('healthz_rps'), 0)} req/s at c={t.get('concurrency')}"
             )
         if "overhead_ratio" in derived:
             ot = derived["overhead_terms_ms"]
             lines += [
                 "",
-                f"Overhead ratio = warm /rank p50 {_fmt(ot['rank_warm_p50'])} ms / "
-                f"(/healthz p50 {_fmt(ot['healthz_p50'])} ms + in-process score(M=500), "
+                f"Overhead ratio = warm /rank p50 {fmt(ot['rank_warm_p50'])} ms / "
+                f"(/healthz p50 {fmt(ot['healthz_p50'])} ms + in-process score(M=500), "
                 "timed in the bench process between the c=1 runs, "
-                f"{_fmt(ot['inprocess_score_m500'])} ms) = **{_fmt(derived['overhead_ratio'])}**",
+                f"{fmt(ot['inprocess_score_m500'])} ms) = **{fmt(derived['overhead_ratio'])}**",
             ]
         split = derived.get("time_split_ms")
         if split:
             stages = ", ".join(
-                f"{k.removeprefix('stage_')} {_fmt(v)}"
+                f"{k.removeprefix('stage_')} {fmt(v)}"
                 for k, v in split.items()
                 if k.startswith("stage_")
             )
             lines += [
                 "",
                 f"Where a warm /rank's time goes (means over the c=1 runs; the service's own "
-                f"histograms): client {_fmt(split['client_mean'])} ms = inside the app "
-                f"{_fmt(split['app_mean'])} ms ({stages}, other {_fmt(split['app_other'])}: "
+                f"histograms): client {fmt(split['client_mean'])} ms = inside the app "
+                f"{fmt(split['app_mean'])} ms ({stages}, other {fmt(split['app_other'])}: "
                 f"body read and validation, routing, the rank use case) + outside it "
-                f"{_fmt(split['outside_app'])} ms (HTTP on loopback; a whole /healthz takes "
-                f"{_fmt(split['healthz_mean'])} ms).",
+                f"{fmt(split['outside_app'])} ms (HTTP on loopback; a whole /healthz takes "
+                f"{fmt(split['healthz_mean'])} ms).",
             ]
         lines += [
             "",
-            f"Server RSS: {_fmt(http.get('rss_mib_before_load'), 1)} MiB before load, "
-            f"{_fmt(http.get('rss_mib_after_load'), 1)} MiB after, {_fmt(http.get('rss_mib_end'), 1)} "
+            f"Server RSS: {fmt(http.get('rss_mib_before_load'), 1)} MiB before load, "
+            f"{fmt(http.get('rss_mib_after_load'), 1)} MiB after, {fmt(http.get('rss_mib_end'), 1)} "
             "MiB at the end.",
             "",
             "Server settings: "
@@ -284,8 +282,8 @@ def markdown(rep: dict[str, Any]) -> str:
             ]
             for name, row in batch.items():
                 lines.append(
-                    f"| {name} | {_fmt(row['batched_ms_per_set'], 3)} "
-                    f"| {_fmt(row['separate_ms_per_set'], 3)} | {_fmt(row['speedup'], 2)} |"
+                    f"| {name} | {fmt(row['batched_ms_per_set'], 3)} "
+                    f"| {fmt(row['separate_ms_per_set'], 3)} | {fmt(row['speedup'], 2)} |"
                 )
             lines.append("")
         for key in (
@@ -298,7 +296,7 @@ def markdown(rep: dict[str, Any]) -> str:
             "state_bytes",
         ):
             if key in ip:
-                lines.append(f"* {key}: {_fmt(ip[key], 3)}")
+                lines.append(f"* {key}: {fmt(ip[key], 3)}")
     elif isinstance(rep.get("inprocess"), dict) and "error" in rep["inprocess"]:
         lines += ["", f"In-process microbench failed: {rep['inprocess']['error']}"]
     plots = rep.get("plots") or []
@@ -306,7 +304,7 @@ def markdown(rep: dict[str, Any]) -> str:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += [
         "",
-        f"Elapsed {_fmt(rep.get('elapsed_s'), 0)} s. Figures and per-run values: `bench.json`.",
+        f"Elapsed {fmt(rep.get('elapsed_s'), 0)} s. Figures and per-run values: `bench.json`.",
         "",
     ]
     return "\n".join(lines)
@@ -336,10 +334,10 @@ def variants_table(cl: dict[str, Any]) -> list[str]:
             conc = key.rpartition("_c")[2]
             other = runs.get(f"cluster_{mode}_c{conc}") or {}
             lines.append(
-                f"| {mode} | {conc} | {_fmt(one.get('p50_ms'))} / {_fmt(one.get('p99_ms'))} "
-                f"| {_fmt(one.get('rps'), 0)} | {_fmt(other.get('p50_ms'))} / "
-                f"{_fmt(other.get('p99_ms'))} | {_fmt(other.get('rps'), 0)} "
-                f"| {_fmt(cl.get(f'p50_ratio_{mode}_c{conc}'))} |"
+                f"| {mode} | {conc} | {fmt(one.get('p50_ms'))} / {fmt(one.get('p99_ms'))} "
+                f"| {fmt(one.get('rps'), 0)} | {fmt(other.get('p50_ms'))} / "
+                f"{fmt(other.get('p99_ms'))} | {fmt(other.get('rps'), 0)} "
+                f"| {fmt(cl.get(f'p50_ratio_{mode}_c{conc}'))} |"
             )
     lines += [
         "",
@@ -354,9 +352,9 @@ def variants_table(cl: dict[str, Any]) -> list[str]:
         conc = key.rpartition("_c")[2]
         on = runs.get(f"redis_push_c{conc}") or {}
         lines.append(
-            f"| {conc} | {_fmt(off.get('p50_ms'))} / {_fmt(off.get('p99_ms'))} "
-            f"| {_fmt(off.get('rps'), 0)} | {_fmt(on.get('p50_ms'))} / {_fmt(on.get('p99_ms'))} "
-            f"| {_fmt(on.get('rps'), 0)} | {_fmt(cl.get(f'p50_ratio_impression_log_c{conc}'))} |"
+            f"| {conc} | {fmt(off.get('p50_ms'))} / {fmt(off.get('p99_ms'))} "
+            f"| {fmt(off.get('rps'), 0)} | {fmt(on.get('p50_ms'))} / {fmt(on.get('p99_ms'))} "
+            f"| {fmt(on.get('rps'), 0)} | {fmt(cl.get(f'p50_ratio_impression_log_c{conc}'))} |"
         )
     unordered = [k for k in runs if k.startswith("redis_push_unordered_c")]
     if unordered:
@@ -374,8 +372,27 @@ def variants_table(cl: dict[str, Any]) -> list[str]:
         conc = key.rpartition("_c")[2]
         off, on = runs[key], runs.get(f"redis_push_c{conc}") or {}
         lines.append(
-            f"| {conc} | {_fmt(off.get('p50_ms'))} / {_fmt(off.get('p99_ms'))} "
-            f"| {_fmt(off.get('rps'), 0)} | {_fmt(on.get('p50_ms'))} / {_fmt(on.get('p99_ms'))} "
-            f"| {_fmt(on.get('rps'), 0)} | {_fmt(cl.get(f'p99_ratio_ordered_starts_c{conc}'))} |"
+            f"| {conc} | {fmt(off.get('p50_ms'))} / {fmt(off.get('p99_ms'))} "
+            f"| {fmt(off.get('rps'), 0)} | {fmt(on.get('p50_ms'))} / {fmt(on.get('p99_ms'))} "
+            f"| {fmt(on.get('rps'), 0)} | {fmt(cl.get(f'p99_ratio_ordered_starts_c{conc}'))} |"
+        )
+    return lines
+
+
+def shortfall_lines(entries: list[dict[str, Any]]) -> list[str]:
+    """The section of missed targets (loadtest/bench_shortfall.py): a bullet for each."""
+    if not entries:
+        return []
+    lines = [
+        "",
+        "## Missed targets: where the time went, what it would take",
+        "",
+        "From this run's own figures (docs/performance.md has what was tried).",
+        "",
+    ]
+    for e in entries:
+        lines.append(
+            f"* **{e['name']}**: {fmt(e['value'])} against {e.get('op') or ''} "
+            f"{fmt(e['target'])}. {e['text']}"
         )
     return lines

@@ -31,7 +31,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -299,9 +299,10 @@ def _redis_url(args: argparse.Namespace) -> str:
     return url
 
 
-def env_cluster() -> bool:
-    """IFA_REDIS_CLUSTER, as the service reads it."""
-    return os.environ.get("IFA_REDIS_CLUSTER", "").strip().lower() in ("1", "true", "yes", "on")
+def env_cluster(env: Mapping[str, str] | None = None) -> bool:
+    """IFA_REDIS_CLUSTER, as the service reads it, from `env` (default: this process's)."""
+    flag = (os.environ if env is None else env).get("IFA_REDIS_CLUSTER", "")
+    return flag.strip().lower() in ("1", "true", "yes", "on")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -9,7 +9,8 @@ import pytest
 
 from loadtest import report
 from loadtest.bench_derive import derive
-from loadtest.bench_shortfall import closed_loop_figures, shortfall_lines, shortfalls
+from loadtest.bench_shortfall import closed_loop_figures, shortfalls
+from loadtest.report import shortfall_lines
 
 
 def _run(p50: float, p99: float, rps: float, **extra: Any) -> dict[str, Any]:
