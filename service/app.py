@@ -216,7 +216,7 @@ async def start_rollout_from_settings(registry: ModelRegistry, settings: Setting
 
 
 def create_app(settings: Settings) -> FastAPI:
-    metrics = Metrics()
+    metrics = Metrics(buffered=settings.metrics_flush_ms > 0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -321,12 +321,18 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.gc_freeze:
             gc.collect()
             gc.freeze()
+        flusher = None
+        if metrics.multiprocess and metrics.buffered:  # one process flushes at each scrape
+            interval_s = settings.metrics_flush_ms / 1e3
+            flusher = asyncio.get_running_loop().create_task(metrics.flush_every(interval_s))
         restore = drain_on_sigterm(app, settings.drain_s)
         try:
             yield
         finally:
             app.state.shutting_down = True
             listener.cancel()
+            if flusher is not None:
+                flusher.cancel()
             await shadow.close()
             await states.drain(DRAIN_TIMEOUT_S)
             await writeback.close(DRAIN_TIMEOUT_S)

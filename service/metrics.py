@@ -6,9 +6,12 @@ exposes each series at 0 (alerts on `rate(...)` work from the first scrape).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-from typing import Final, NamedTuple, Protocol
+import threading
+from collections.abc import Callable, Iterable
+from typing import Final, NamedTuple, Protocol, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,8 +22,21 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from service.metrics_buffer import (
+    Buffered,
+    BufferedCounter,
+    BufferedGauge,
+    BufferedHistogram,
+    Incrementer,
+    Observer,
+    UpDown,
+)
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+B = TypeVar("B", bound=Buffered)
 
 # 0.5 ms .. 1 s
 LATENCY_BUCKETS: Final = (
@@ -103,11 +119,38 @@ class RankRecord(Protocol):
     def state_source(self) -> str | None: ...
 
 
-class Metrics:
-    """All of the service's metrics, registered in `self.registry` (never the global one)."""
+class _FlushFirst(Collector):
+    """Registered first: a read of the registry writes the buffered values before the
+    metrics are collected, so every read of one process is exact."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+
+    def collect(self) -> Iterable[Metric]:
+        self._flush()
+        return ()
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+
+class Metrics:
+    """All of the service's metrics, registered in `self.registry` (never the global one).
+
+    `buffered`: the warm path's values (`observe_rank`, `observe_request`,
+    `count_response`, `inflight_now`) are counted in Python and written to their
+    prometheus_client metrics by `flush` (service/metrics_buffer.py), which a read of the
+    registry and `render` call first. Under several workers each flushes on a timer too
+    (`flush_every`): another worker's scrape sees its values that much late at most."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, buffered: bool = True) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.buffered = buffered
+        # keyed by what they count (a version's are dropped with it); flushed under a lock
+        # since a registry read can come from another thread
+        self._buffers: dict[tuple[str, ...], Buffered] = {}
+        self._flush_lock = threading.Lock()
+        r.register(_FlushFirst(self.flush))
         # prometheus_client chose its value store when it was imported, from the same
         # variable; the parent of several workers sets it (service/commands.py)
         self.multiprocess = MULTIPROC_ENV in os.environ
@@ -266,10 +309,6 @@ class Metrics:
             self.shadow.labels(result)
         for reason in IMPRESSION_DROPS:
             self.impressions_dropped.labels(reason)
-        for c in CACHE_RESULTS:
-            self.state_cache.labels(c)
-        for src in STATE_SOURCES:
-            self.state_source.labels(src)
         for src in FORGET_SOURCES:
             self.users_forgotten.labels(src)
             self.forgotten_states.labels(src)
@@ -277,26 +316,76 @@ class Metrics:
             # a first 500 must be an increase from 0, or increase()-based alerts miss it
             self.http_responses.labels(route, "500")
         self._model_labels: set[ServedVersion] = set()
-        # version -> its stage children, in STAGES order (labels() per observation would
-        # cost the warm path a lookup under a lock each)
-        self._stages: dict[str, tuple[Histogram, ...]] = {}
-        self._outcomes: dict[tuple[str, str], Histogram] = {}
+        # The warm path's series, resolved once (labels() per observation would cost a
+        # lookup under a lock each): version -> its stages in STAGES order, (outcome,
+        # version) -> latency, (route, code) -> responses.
+        self._stages: dict[str, tuple[Observer, ...]] = {}
+        self._outcomes: dict[tuple[str, str], Observer] = {}
+        self._responses: dict[tuple[str, int], Incrementer] = {}
+        self._candidates = self._observer(("candidates",), self.candidates)
+        self._sequence_length = self._observer(("sequence_length",), self.sequence_length)
+        self._cache_results = {
+            c: self._counter(("state_cache", c), self.state_cache.labels(c)) for c in CACHE_RESULTS
+        }
+        self._state_sources = {
+            s: self._counter(("state_source", s), self.state_source.labels(s))
+            for s in STATE_SOURCES
+        }
+        self.inflight_now: UpDown = (
+            self._keep(("inflight",), BufferedGauge(self.inflight)) if buffered else self.inflight
+        )
         self._order: dict[str, None] = {}  # versions served, in the order they last were
         self._versioned(NO_VERSION)
 
-    def _versioned(self, version: str) -> tuple[Histogram, ...]:
+    def _versioned(self, version: str) -> tuple[Observer, ...]:
         """Create every series of `version` (at 0, for rate() from the first scrape). The
         label sets stay bounded: a process sees only the versions it is told to serve."""
         stages = self._stages.get(version)
         if stages is None:
             stages = self._stages[version] = tuple(
-                self.stage_duration.labels(s, version) for s in STAGES
+                self._observer(("stage", s, version), self.stage_duration.labels(s, version))
+                for s in STAGES
             )
             for o in OUTCOMES:
-                self._outcomes[o, version] = self.request_duration.labels(o, version)
+                self._outcomes[o, version] = self._observer(
+                    ("outcome", o, version), self.request_duration.labels(o, version)
+                )
             for reason in DEGRADED_REASONS:
                 self.degraded.labels(reason, version)
         return stages
+
+    def _keep(self, key: tuple[str, ...], buffer: B) -> B:
+        self._buffers[key] = buffer
+        return buffer
+
+    def _observer(self, key: tuple[str, ...], child: Histogram) -> Observer:
+        return self._keep(key, BufferedHistogram(child)) if self.buffered else child
+
+    def _counter(self, key: tuple[str, ...], child: Counter) -> Incrementer:
+        return self._keep(key, BufferedCounter(child)) if self.buffered else child
+
+    def flush(self) -> None:
+        """Write the buffered values to their prometheus_client metrics."""
+        if not self._buffers:
+            return
+        with self._flush_lock:
+            for buffer in list(self._buffers.values()):
+                buffer.flush()
+
+    async def flush_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.flush()
+
+    def count_response(self, route: str, code: int) -> None:
+        """ifa_http_responses_total (the request middleware's)."""
+        counter = self._responses.get((route, code))
+        if counter is None:
+            child = self.http_responses.labels(route, str(code))
+            counter = self._responses[route, code] = self._counter(
+                ("response", route, str(code)), child
+            )
+        counter.inc()
 
     def observe_request(self, outcome: str, version: str | None, seconds: float) -> None:
         """ifa_rank_request_duration_seconds (the request middleware's)."""
@@ -314,18 +403,18 @@ class Metrics:
         queue, redis, state, score, serialize = self._stages.get(version) or self._versioned(
             version
         )
-        self.candidates.observe(rec.candidates)
+        self._candidates.observe(rec.candidates)
         queue.observe(tm.queue / 1e3)
         redis.observe(tm.redis / 1e3)
         state.observe(tm.state / 1e3)
         score.observe(tm.score / 1e3)
         serialize.observe(tm.serialize / 1e3)
         if rec.sequence_length is not None:
-            self.sequence_length.observe(rec.sequence_length)
+            self._sequence_length.observe(rec.sequence_length)
         if rec.cache_result is not None:
-            self.state_cache.labels(rec.cache_result).inc()
+            self._cache_results[rec.cache_result].inc()
         if rec.state_source is not None:
-            self.state_source.labels(rec.state_source).inc()
+            self._state_sources[rec.state_source].inc()
         if rec.degraded is not None:
             self.degraded.labels(rec.degraded, version).inc()
 
@@ -357,8 +446,10 @@ class Metrics:
             self._stages.pop(v, None)
             for o in OUTCOMES:
                 self._outcomes.pop((o, v), None)
+                self._buffers.pop(("outcome", o, v), None)
                 self._remove(self.request_duration, o, v)
             for s in STAGES:
+                self._buffers.pop(("stage", s, v), None)
                 self._remove(self.stage_duration, s, v)
             for reason in DEGRADED_REASONS:
                 self._remove(self.degraded, reason, v)
@@ -369,6 +460,7 @@ class Metrics:
             metric.remove(*labels)
 
     def render(self) -> tuple[bytes, str]:
+        self.flush()
         if not self.multiprocess:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         # Several workers (`ifa-rank serve --workers N`): every worker's values, merged
@@ -378,6 +470,8 @@ class Metrics:
         return generate_latest(merged), CONTENT_TYPE_LATEST
 
     def close(self) -> None:
-        """This worker is going away: drop its live gauges from the merged view."""
+        """This worker is going away: write what it counted, and drop its live gauges from
+        the merged view."""
+        self.flush()
         if self.multiprocess:
             multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

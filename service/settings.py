@@ -320,6 +320,18 @@ class Settings(BaseSettings):
         "times what it costs in a full one",
     )
 
+    # --- metrics (service/metrics.py)
+    metrics_flush_ms: float = Field(
+        default=100.0,
+        ge=0.0,
+        le=10_000.0,
+        description="the warm path's metrics are counted in the process and written to the "
+        "Prometheus client's values at each scrape, and under `ifa-rank serve --workers N` "
+        "also this often (another worker's scrape sees them at most this late); 0: every "
+        "value written as it is observed, which costs a request about 10 µs in one process "
+        "and 30 µs in a worker (`python -m loadtest.metrics_cost`)",
+    )
+
     # --- admin and logging
     admin_token: SecretStr | None = Field(
         default=None,

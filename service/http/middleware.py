@@ -245,7 +245,7 @@ class RequestMetricsMiddleware:
             status = CLIENT_CLOSED  # nothing can be sent; nothing went wrong here
         finally:
             route = path if path in COUNTED_ROUTES else _template(path)
-            self.metrics.http_responses.labels(route, str(status)).inc()
+            self.metrics.count_response(route, status)
             if path == "/rank":
                 if status == 200:
                     degraded = (scope.get("state") or {}).get("degraded")

@@ -111,7 +111,7 @@ class RankUseCase:
         gate = self._gate()
         self._admit(slot, len(candidates), budget, (now - t0) * 1e3)
         self.inflight += 1
-        self.metrics.inflight.inc()
+        self.metrics.inflight_now.inc()
         try:
             queued_ms = (now - t0) * 1e3
             if gate is not None:
@@ -127,7 +127,7 @@ class RankUseCase:
             raise Overloaded(f"overloaded: {e}; retry later", slot.version) from None
         finally:
             self.inflight -= 1
-            self.metrics.inflight.dec()
+            self.metrics.inflight_now.dec()
 
     def _gate(self) -> Turnstile | None:
         """The turnstile, unless most requests are being shed: under that much overload

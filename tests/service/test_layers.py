@@ -2,9 +2,10 @@
 
     app (composition root) -> http -> usecases -> engine -> store
 
-`settings`, `metrics` and `ifa_common` are shared by every layer; `commands` and
-`reference` are tools beside the app. A module-level or function-level import that goes
-up (or sideways into a layer above) fails here, with the file and the import named.
+`settings`, `metrics` (with its `metrics_buffer`) and `ifa_common` are shared by every
+layer; `commands` and `reference` are tools beside the app. A module-level or
+function-level import that goes up (or sideways into a layer above) fails here, with the
+file and the import named.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 SERVICE = Path(__file__).resolve().parents[2] / "service"
 RANK = {"store": 1, "engine": 2, "usecases": 3, "http": 4, "app": 5}
-SHARED = {"settings", "metrics"}
+SHARED = {"settings", "metrics", "metrics_buffer"}
 TOOLS = {"commands", "reference"}  # may import anything in service/
 
 
