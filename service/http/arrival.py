@@ -31,6 +31,10 @@ furthest under its share (service/http/handoff.py; `HandoffAdopter` serves those
 here), and a worker over its share answers a request with `Connection: close` so the
 client reconnects (service/http/worker_share.py).
 
+A response's head and body leave in one send (`service/http/cork.py`): uvicorn writes
+them separately, which cost a second send and a second wake-up of the client for each
+answer.
+
 The head deadline costs nothing per request: one timer per connection, armed when it is
 made, looks at the connection's state when it fires (a request in flight, a head begun
 and when, idle after a response) and either closes it or re-arms itself, at most about
@@ -53,6 +57,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import Server
 
 from service.http import handoff, worker_share
+from service.http.cork import CorkedTransport
 from service.http.middleware import ARRIVED, error_response
 from service.settings import Settings
 
@@ -101,6 +106,8 @@ class ArrivalHttpToolsProtocol(HttpToolsProtocol):
         if ledger is not None and not self._adopted and self._hand_off(ledger, transport):
             return
         super().connection_made(transport)
+        # every write of the connection through it: a response's head and body in one send
+        self.transport = CorkedTransport(transport, self.loop)  # type: ignore[assignment]
         timeout, cap = self.limits()
         if len(self.connections) > cap:
             self._refuse()
