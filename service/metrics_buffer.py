@@ -73,46 +73,43 @@ class BufferedHistogram:
 
 
 class BufferedCounter:
-    """A counter child's `inc`, buffered."""
-
-    __slots__ = ("_child", "_count", "_written")
-
-    def __init__(self, child: Counter) -> None:
-        self._child = child
-        self._count = 0.0
-        self._written = 0.0
-
-    def inc(self, amount: float = 1) -> None:
-        self._count += amount
-
-    def flush(self) -> None:
-        count = self._count
-        if count != self._written:
-            self._child.inc(count - self._written)
-            self._written = count
-
-
-class BufferedGauge:
-    """A gauge that goes up and down (requests in flight): `flush` sets the value it has."""
+    """A counter child's `inc`, buffered: `flush` adds what was counted since the last."""
 
     __slots__ = ("_child", "_value", "_written")
 
-    def __init__(self, child: Gauge) -> None:
+    def __init__(self, child: Counter | Gauge) -> None:
         self._child = child
         self._value = 0.0
-        self._written: float | None = None
+        self._written = 0.0
 
     def inc(self, amount: float = 1) -> None:
         self._value += amount
 
-    def dec(self, amount: float = 1) -> None:
-        self._value -= amount
-
     def flush(self) -> None:
         value = self._value
         if value != self._written:
-            self._child.set(value)
+            self._write(value)
             self._written = value
+
+    def _write(self, value: float) -> None:
+        self._child.inc(value - self._written)
+
+
+class BufferedGauge(BufferedCounter):
+    """A gauge that goes up and down (requests in flight): `flush` sets the value it has."""
+
+    __slots__ = ()
+
+    def __init__(self, child: Gauge) -> None:
+        super().__init__(child)
+        self._written = float("nan")  # never written: the first flush sets it, even to 0
+
+    def dec(self, amount: float = 1) -> None:
+        self._value -= amount
+
+    def _write(self, value: float) -> None:
+        assert isinstance(self._child, Gauge)
+        self._child.set(value)
 
 
 Buffered = BufferedHistogram | BufferedCounter | BufferedGauge
