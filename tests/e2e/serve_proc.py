@@ -90,6 +90,13 @@ class ServeWorkers:
                 timeout_s=120,
                 tolerate=(OSError,),
             )
+            # every worker, not just the first to answer: one still starting misses the
+            # announcements made meanwhile (a reload) and serves no request yet
+            wait_until(
+                lambda: self.output().count("Application startup complete") >= self.workers,
+                timeout_s=120,
+                detail=lambda: self.output()[-3000:],
+            )
         except BaseException:
             self.__exit__(None, None, None)
             raise
