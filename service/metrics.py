@@ -139,8 +139,8 @@ class Metrics:
 
     `buffered`: the warm path's values (`observe_rank`, `observe_request`,
     `count_response`, `inflight_now`) are counted in Python and written to their
-    prometheus_client metrics by `flush` (service/metrics_buffer.py), which a read of the
-    registry and `render` call first. Under several workers each flushes on a timer too
+    prometheus_client metrics by `flush` (service/metrics_buffer.py), which every read of
+    the registry, and `render` under several workers, call first. Under several workers each flushes on a timer too
     (`flush_every`): another worker's scrape sees its values that much late at most."""
 
     def __init__(self, registry: CollectorRegistry | None = None, buffered: bool = True) -> None:
@@ -460,9 +460,9 @@ class Metrics:
             metric.remove(*labels)
 
     def render(self) -> tuple[bytes, str]:
-        self.flush()
-        if not self.multiprocess:
+        if not self.multiprocess:  # collecting the registry flushes first (_FlushFirst)
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        self.flush()  # the merged view reads this worker's file, not its registry
         # Several workers (`ifa-rank serve --workers N`): every worker's values, merged
         # from the files they write under PROMETHEUS_MULTIPROC_DIR.
         merged = CollectorRegistry()

@@ -6,9 +6,10 @@ source, its HTTP code, its latency, the in-flight gauge twice. Through prometheu
 each is a lock, a pid check and a linear scan of the buckets, and under several workers
 (its multiprocess mode) a write into an mmap'd file per value: 14-16 µs a request in one
 process and 33-36 µs in a worker, against 3-4 µs buffered (`python -m
-loadtest.metrics_cost`); 1-3 % of a warm request's CPU. Here an observation is a bisect and an increment in Python; `flush` adds
-what was observed since the last flush to prometheus_client's values: the same buckets,
-count and sum as observing each value would give (tested).
+loadtest.metrics_cost`); 1-3 % of a warm request's CPU. Here an observation is a bisect
+and an increment in Python; `flush` adds what was observed since the last flush to
+prometheus_client's values: the same buckets, count and sum as observing each value
+would give (tested).
 
 One writer: observations come from one thread, the event loop's. `flush` may run in
 another (a registry read in a test, say): it reads the running totals and adds their
@@ -77,7 +78,7 @@ class BufferedCounter:
 
     __slots__ = ("_child", "_value", "_written")
 
-    def __init__(self, child: Counter | Gauge) -> None:
+    def __init__(self, child: Counter) -> None:
         self._child = child
         self._value = 0.0
         self._written = 0.0
@@ -98,18 +99,18 @@ class BufferedCounter:
 class BufferedGauge(BufferedCounter):
     """A gauge that goes up and down (requests in flight): `flush` sets the value it has."""
 
-    __slots__ = ()
+    __slots__ = ("_gauge",)
 
     def __init__(self, child: Gauge) -> None:
-        super().__init__(child)
+        self._gauge = child
+        self._value = 0.0
         self._written = float("nan")  # never written: the first flush sets it, even to 0
 
     def dec(self, amount: float = 1) -> None:
         self._value -= amount
 
     def _write(self, value: float) -> None:
-        assert isinstance(self._child, Gauge)
-        self._child.set(value)
+        self._gauge.set(value)
 
 
 Buffered = BufferedHistogram | BufferedCounter | BufferedGauge
