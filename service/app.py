@@ -67,6 +67,8 @@ from service.usecases.shadow import ShadowScorer
 log = logging.getLogger("service")
 
 DRAIN_TIMEOUT_S = 5.0
+# how long start-up waits for the push channel's first session (its subscriptions)
+PUSH_START_WAIT_S = 3.0
 
 
 def load_runtime(settings: Settings, version: str | None) -> tuple[Runtime, Warmup]:
@@ -312,6 +314,10 @@ def create_app(settings: Settings) -> FastAPI:
         await registry.load_at_start(settings.model_version)
         await start_rollout_from_settings(registry, settings)
         await warm_routing(app)
+        # A worker that started before its control channel was subscribed would miss a
+        # reload or rollout its siblings announce meanwhile; Redis down only delays this.
+        if not await app.state.push.started(PUSH_START_WAIT_S):
+            log.warning("push channel not up %g s into start-up; serving anyway", PUSH_START_WAIT_S)
         if settings.balance_connections and settings.worker_group:
             # the directory `ifa-rank serve --workers N` prepares for its workers
             shared = os.environ.get(MULTIPROC_ENV)

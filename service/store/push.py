@@ -59,6 +59,7 @@ class InvalidationListener:
         self.retry_s = retry_s
         self.topology_interval_s = topology_interval_s
         self.sessions = 0  # sessions started (a reconnect is a new session)
+        self._first_up = asyncio.Event()
         self.nodes: list[str] = []  # the nodes the current (or last) session tracks
 
     async def run(self) -> None:
@@ -72,6 +73,17 @@ class InvalidationListener:
                 log.warning("push invalidation channel down (%s: %s)", type(e).__name__, e)
             self._on_state(False)
             await asyncio.sleep(self.retry_s)
+
+    async def started(self, timeout_s: float) -> bool:
+        """True once a session has come up (every channel subscribed, tracking on), False
+        if none has within `timeout_s`: the start-up waits for it, so a process that says
+        it has started hears what its siblings announce from then on."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._first_up.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _session(self) -> None:
         nodes = await self._discover()
@@ -88,6 +100,7 @@ class InvalidationListener:
             self.nodes = [node.name for node in nodes]
             self.sessions += 1
             self._on_state(True)
+            self._first_up.set()
             tasks = {asyncio.create_task(self._read(sub)) for sub, _ in pairs}
             tasks.add(asyncio.create_task(self._ping(pairs)))
             if self.topology_interval_s is not None:
