@@ -91,7 +91,8 @@ def test_only_the_missed_targets_are_explained_each_from_its_own_run() -> None:
     assert w2["figures"]["box_cpu_ms"] == pytest.approx(1.45 + 0.08 + 0.07)
     assert w2["figures"]["need_rps"] == pytest.approx(16_000 / (15.0 / (20.0 / 12.5)))
     assert "Little's law" in w2["text"] and "1.60 × the mean" in w2["text"]
-    one = by_key["rate_c16"]
+    one = by_key["rate_c16"]  # one process: a reference row, explained all the same
+    assert one["judged"] is False and w2["judged"] is True
     assert one["figures"]["one_core_ceiling_rps"] == pytest.approx(1000 / 1.4)
     assert "29 % less" in one["text"]  # 1.40 -> 1.00 ms of CPU per request
     ratio = by_key["overhead_ratio"]
@@ -99,8 +100,25 @@ def test_only_the_missed_targets_are_explained_each_from_its_own_run() -> None:
     assert ratio["figures"]["over_ms"] == pytest.approx(1.5 - 1.275)
     assert ratio["figures"]["scorer_excess_ms"] == pytest.approx(0.75 - 0.55)
     md = report.markdown({**rep, "derived": d, "mode": "quick", "command": "x"})
-    assert "## Missed targets: where the time went, what it would take" in md
-    assert f"* **{w2['name']}**: 20.00 against <= 15.00. Two worker processes" in md
+    table, _, rest = md.partition("## Missed targets: where the time went, what it would take")
+    assert f"| {one['name']} | 700.00 | >= 1,000 | ref.: no |" in table
+    assert f"| {w2['name']} | 20.00 | <= 15.00 | **no** |" in table
+    in_targets, _, in_reference = rest.partition("## Reference rows outside the targets' limits")
+    assert f"* **{w2['name']}**: 20.00 against <= 15.00. Two worker processes" in in_targets
+    assert f"* **{one['name']}**: 700.00 against >= 1,000. One process" in in_reference
+    assert one["name"] not in in_targets
+
+
+def test_reference_rows_alone_outside_their_limits_miss_no_target() -> None:
+    rep = _report(w2_p99=14.0, w2_rps=1280.0)  # the two workers meet both of theirs
+    d = derive(rep)
+    missed = [t["key"] for t in d["targets"] if t["ok"] is False and t["judged"]]
+    outside = sorted(t["key"] for t in d["targets"] if t["ok"] is False and not t["judged"])
+    assert missed == ["overhead_ratio"]  # the c=1 figures of the fixture miss it
+    assert outside == ["p99_c16", "rate_c16"]  # 700 req/s, 30 ms: one core's ceiling
+    md = report.markdown({**rep, "derived": d, "mode": "quick", "command": "x"})
+    assert "## Reference rows outside the targets' limits" in md
+    assert "ref.: a reference row, not a target." in md
 
 
 def test_a_run_that_meets_every_target_it_measured_has_no_section() -> None:
