@@ -121,9 +121,11 @@ def markdown(rep: dict[str, Any]) -> str:
     ]
     references = False
     for t in derived.get("targets", []):
-        ok = {True: "yes", False: "**no**", None: "n/a"}[t.get("ok")]
+        verdict = {True: "yes", False: "no", None: "n/a"}[t.get("ok")]
         if t.get("judged") is False:  # an older report has no flag: every row a target
-            ok, references = f"ref.: {ok.strip('*')}", True
+            ok, references = f"ref.: {verdict}", True
+        else:
+            ok = "**no**" if verdict == "no" else verdict
         lines.append(
             f"| {t['name']} | {fmt(t.get('value'))} | {t.get('op', '')} {fmt(t['target'])} | {ok} |"
         )

@@ -140,8 +140,9 @@ class Metrics:
     `buffered`: the warm path's values (`observe_rank`, `observe_request`,
     `count_response`, `inflight_now`) are counted in Python and written to their
     prometheus_client metrics by `flush` (service/metrics_buffer.py), which every read of
-    the registry, and `render` under several workers, call first. Under several workers each flushes on a timer too
-    (`flush_every`): another worker's scrape sees its values that much late at most."""
+    the registry, and `render` under several workers, call first. Under several workers
+    each also flushes on a timer (`flush_every`): another worker's scrape sees its values
+    that much late at most."""
 
     def __init__(self, registry: CollectorRegistry | None = None, buffered: bool = True) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
