@@ -41,6 +41,7 @@ from service.http.protocol import (
     RolloutRequest,
     rank_answer,
 )
+from service.http.rank_body import parse_rank_body
 from service.settings import Settings
 from service.store.redis_store import IdempotencyConflict, StoreUnavailable
 from service.usecases.admin import rollout_spec
@@ -96,20 +97,20 @@ def _unavailable(detail: str, retry_after_s: int) -> JSONResponse:
     openapi_extra=RANK_BODY_DOC,
 )
 async def rank(request: Request) -> Response:
-    # The hot path reads the body itself (one pydantic-core pass, see parse_body) and
+    # The hot path reads the body itself (one pydantic-core pass, see parse_rank_body) and
     # takes its objects from app.state: no dependency resolution per request.
     state = request.app.state
     use_case = await get_rank(request)
     settings: Settings = state.settings
-    body = parse_body(RankRequest, await request.body())
-    if len(body.candidates) > settings.max_candidates:
+    body, items = parse_rank_body(await request.body())
+    if len(items) > settings.max_candidates:
         raise validation_error(
             "candidates", f"at most {settings.max_candidates} candidates", "too_long"
         )
     try:
         result = await use_case.rank(
             body.user_id,
-            body.candidates,
+            items,
             body.top_k,
             body.budget_ms,
             body.request_id,
@@ -137,7 +138,7 @@ async def rank(request: Request) -> Response:
     request.state.degraded = result.degraded
     request.state.model_version = result.model_version
     if use_case.registry.rollout is not None:  # no rollout: one attribute check
-        state.shadow.offer(result.request_id, result.user_id, body.candidates)
+        state.shadow.offer(result.request_id, result.user_id, items)
     return json_bytes(payload)
 
 

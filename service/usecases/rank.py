@@ -95,7 +95,7 @@ class RankUseCase:
     async def rank(
         self,
         user_id: str,
-        candidates: Sequence[int],
+        candidates: Sequence[int] | np.ndarray,
         top_k: int | None = None,
         budget_ms: float | None = None,
         request_id: str | None = None,
@@ -171,7 +171,7 @@ class RankUseCase:
     async def _rank(
         self,
         ctx: RankContext,
-        candidates: Sequence[int],
+        candidates: Sequence[int] | np.ndarray,
         top_k: int | None,
         request_id: str | None,
         t0: float,

@@ -51,7 +51,7 @@ class ShadowScorer:
     def inflight(self) -> int:
         return len(self._tasks)
 
-    def offer(self, request_id: str, user: str, candidates: Sequence[int]) -> None:
+    def offer(self, request_id: str, user: str, candidates: Sequence[int] | np.ndarray) -> None:
         """After an answer: score it with the shadow too when one is set and the request
         id is in its sample (a stable hash: a retried request is sampled alike)."""
         ro = self.registry.rollout
