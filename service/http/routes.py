@@ -11,6 +11,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from ifa_common.manifest import ArtifactError, ArtifactMissing
 from service.engine.registry import ModelNotReady, NoRollout
+from service.http.answered import AnsweredThen
 from service.http.deps import (
     AdminDep,
     AdminUseCaseDep,
@@ -24,7 +25,6 @@ from service.http.middleware import (
     ARRIVED,
     JSONResponse,
     error_response,
-    json_bytes,
     parse_body,
     validation_error,
 )
@@ -124,22 +124,25 @@ async def rank(request: Request) -> Response:
     t = time.perf_counter()
     payload = rank_answer(result)
     result.timings.serialize = (time.perf_counter() - t) * 1e3
-    use_case.answered(result.context)
-    state.metrics.observe_rank(result.context)  # the one place an answer's metrics go
-    if state.impressions is not None:  # queued only: the log is written off the path
-        state.impressions.offer_impression(
-            result.request_id,
-            result.user_id,
-            result.model_version,
-            result.degraded,
-            result.item_ids,
-            result.scores,
-        )
     request.state.degraded = result.degraded
     request.state.model_version = result.model_version
-    if use_case.registry.rollout is not None:  # no rollout: one attribute check
-        state.shadow.offer(result.request_id, result.user_id, items)
-    return json_bytes(payload)
+
+    def account() -> None:  # once the answer is sent
+        use_case.answered(result.context)
+        state.metrics.observe_rank(result.context)  # the one place an answer's metrics go
+        if state.impressions is not None:  # queued only: the log is written off the path
+            state.impressions.offer_impression(
+                result.request_id,
+                result.user_id,
+                result.model_version,
+                result.degraded,
+                result.item_ids,
+                result.scores,
+            )
+        if use_case.registry.rollout is not None:  # no rollout: one attribute check
+            state.shadow.offer(result.request_id, result.user_id, items)
+
+    return AnsweredThen(payload, account)
 
 
 @router.post(

@@ -164,8 +164,8 @@ class RankUseCase:
             )
 
     def answered(self, ctx: RankContext) -> None:
-        """The answer of `ctx` is serialised: what it took around its stages is what
-        admission plans for the next ones."""
+        """The answer of `ctx` is sent: what it took around its stages (its send
+        included) is what admission plans for the next ones."""
         ctx.slot.cost.observe_around(ctx.around_ms())
 
     async def _rank(

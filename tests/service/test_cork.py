@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import uvloop
+
 from service.http.cork import CorkedTransport
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n"
@@ -114,3 +116,24 @@ def test_an_aborted_connection_drops_what_is_held() -> None:
             assert cork.get_extra_info("socket") is not None  # the rest passes through
 
     asyncio.run(main())
+
+
+def test_under_uvloop_an_answer_leaves_at_its_body_write() -> None:
+    # the request's bookkeeping runs after the answer's write (service/http/answered.py),
+    # which helps the client only if the write sends: the bytes must be in the peer's
+    # socket when the body's write returns, before the loop turns
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        ours, peer = socket.socketpair()
+        peer.setblocking(False)
+        transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+        try:
+            cork = CorkedTransport(transport, loop)
+            cork.write(HEAD)
+            cork.write(b"body" * 5000)  # an answer of 20 kB, as at M = 500
+            return peer.recv(1 << 20)  # raises BlockingIOError when nothing was sent
+        finally:
+            transport.close()
+            peer.close()
+
+    assert uvloop.run(main()) == HEAD + b"body" * 5000
