@@ -63,6 +63,11 @@ def parse_setting(text: str) -> tuple[str, list[str]]:
     return name, values.split(",")
 
 
+def setting_variants(name: str, values: list[str]) -> list[Variant]:
+    """One service per value of the setting `name`, labelled by the value."""
+    return [Variant(v, {name: v}) for v in values]
+
+
 def code_variants(base: str | Path) -> list[Variant]:
     """`base` (another checkout) against this one; raises ValueError when `base` holds
     no `service` package to import."""
@@ -100,8 +105,7 @@ def run_ab(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Services that differ in the setting `name` only, one per value."""
-    variants = [Variant(v, {name: v}) for v in values]
-    return {"setting": name, **run_variants(variants, artifacts, **kwargs)}
+    return {"setting": name, **run_variants(setting_variants(name, values), artifacts, **kwargs)}
 
 
 def run_variants(
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             variants = code_variants(args.code)
         else:
             name, values = parse_setting(args.setting)
-            variants = [Variant(v, {name: v}) for v in values]
+            variants = setting_variants(name, values)
             setting = {"setting": name}
     except ValueError as e:
         p.error(str(e))

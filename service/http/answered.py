@@ -3,9 +3,10 @@
 The client does not wait for what only the service needs: the metrics of the answer, the
 cost model's update, the impression record, the shadow's sample. The event loop (uvloop)
 sends a write as it is made and the cork sends the head with the body
-(service/http/cork.py), so the answer is on the wire before any of that runs. The bookkeeping still runs in the request's task, before the event loop
-reads the next request, so whatever the client asks next (its /metrics, say) sees it.
-A failure in it is logged: the answer has gone.
+(service/http/cork.py), so the answer is on the wire before any of that runs. The
+bookkeeping still runs in the request's task, before the event loop reads the next
+request, so whatever the client asks next (its /metrics, say) sees it. A failure in it
+is logged: the answer has gone.
 """
 
 from __future__ import annotations

@@ -42,10 +42,6 @@ class JSONResponse(Response):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def json_bytes(payload: bytes, status_code: int = 200) -> Response:
-    return Response(payload, status_code=status_code, media_type="application/json")
-
-
 def error_response(
     status_code: int,
     detail: Any,
