@@ -23,7 +23,6 @@ from typing import Any
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from starlette.middleware import Middleware
-from starlette.types import ASGIApp
 
 from service.engine.batcher import ScoreBatcher
 from service.engine.cost import Warmup
@@ -36,14 +35,16 @@ from service.engine.state_cache import StateWriteBack
 from service.engine.state_resolver import StateResolver
 from service.engine.turnstile import Turnstile
 from service.http import arrival, worker_share
-from service.http.fast_path import RankApp, RouteErrors
+from service.http.fast_path import RankApp
+from service.http.inline_rank import InlineRank
 from service.http.middleware import (
     BodyLimitMiddleware,
+    BodyRules,
     DrainMiddleware,
     RequestMetricsMiddleware,
     install_error_handlers,
 )
-from service.http.routes import rank, router
+from service.http.routes import router
 from service.metrics import MULTIPROC_ENV, Metrics
 from service.settings import Settings
 from service.store.cluster import NodeAddress, cluster_primaries, single_node
@@ -373,18 +374,19 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     # The last is the outermost: metrics see every answer, 413s included.
+    draining = lambda: bool(app.state.shutting_down)  # noqa: E731
     ours = [
-        Middleware(DrainMiddleware, draining=lambda: bool(app.state.shutting_down)),
+        Middleware(DrainMiddleware, draining=draining),
         Middleware(
             BodyLimitMiddleware, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s
         ),
         Middleware(RequestMetricsMiddleware, metrics=metrics),
     ]
-    fast: ASGIApp = RouteErrors(rank)  # POST /rank: the same middlewares, no router
     for m in ours:
         app.add_middleware(m.cls, *m.args, **m.kwargs)
-        fast = m.cls(fast, *m.args, **m.kwargs)
-    app.fast = fast
+    # POST /rank: the same rules in one coroutine, no router (service/http/inline_rank.py)
+    body_rules = BodyRules(settings.max_body_bytes, settings.body_timeout_s)
+    app.fast = InlineRank(app.state, metrics, body_rules, draining)
     return app
 
 

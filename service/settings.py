@@ -218,7 +218,8 @@ class Settings(BaseSettings):
         gt=0,
         le=600,
         description="a request body whose next part takes longer than this to arrive is "
-        "answered 408 (a slow client cannot hold a request open)",
+        "answered 408 (a slow client cannot hold a request open); the deadlines are checked "
+        "every quarter of this (at most every second), so the 408 comes up to that much later",
     )
     header_timeout_s: float = Field(
         default=10.0,

@@ -29,6 +29,11 @@ class AnsweredThen(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await super().__call__(scope, receive, send)
+        self.after_send()
+
+    def after_send(self) -> None:
+        """The bookkeeping, once the answer is sent (by `__call__`, or by whoever sent
+        `body` itself: /rank's fast path)."""
         try:
             self._then()
         except Exception:

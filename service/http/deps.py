@@ -11,31 +11,30 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import State
 
 from service.metrics import Metrics
 from service.settings import Settings
 from service.usecases.admin import AdminUseCase
 from service.usecases.events import EventsUseCase
 from service.usecases.forget import ForgetUseCase
-from service.usecases.rank import RankUseCase
 
 
-def _started(request: Request, name: str) -> Any:
+def started(state: State, name: str) -> Any:
     """A serving object the lifespan put on app.state; 503 before it has run."""
-    value = getattr(request.app.state, name, None)
+    value = getattr(state, name, None)
     if value is None:  # only between process start and the lifespan
         raise HTTPException(503, "starting", headers={"Retry-After": "1"})
     return value
 
 
+def _started(request: Request, name: str) -> Any:
+    return started(request.app.state, name)
+
+
 async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
-
-
-async def get_rank(request: Request) -> RankUseCase:
-    use_case: RankUseCase = _started(request, "rank")
-    return use_case
 
 
 async def get_events(request: Request) -> EventsUseCase:

@@ -115,7 +115,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
     payload = orjson.dumps(body)
     await send(
         {
@@ -129,6 +129,12 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
         }
     )
     await send({"type": "http.response.body", "body": payload})
+
+
+def closing_headers(headers: Any) -> list[tuple[bytes, bytes]]:
+    """A response's headers with `Connection: close` (and no other Connection header)."""
+    kept = [(k, v) for k, v in headers if k != b"connection"]
+    return [*kept, (b"connection", b"close")]
 
 
 class DrainMiddleware:
@@ -147,55 +153,139 @@ class DrainMiddleware:
 
         async def closing(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
-                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+                message = {**message, "headers": closing_headers(message.get("headers", []))}
             await send(message)
 
         await self.app(scope, receive, closing)
 
 
-class BodyLimitMiddleware:
+class _BodyWatch:
+    """The deadlines of the body reads waiting on one event loop, checked by one timer for
+    all of them instead of a timer each (an `asyncio.timeout` per read cost a warm /rank
+    6-7 µs alone, several times that between its other work): a read registers its task
+    and deadline while it waits; a tick every `tick_s`, armed while any read waits,
+    cancels the overdue ones, and the read turns that cancellation into a 408."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick_s: float) -> None:
+        self.loop = loop
+        self.tick_s = tick_s
+        self.waiting: dict[asyncio.Task[Any], float] = {}
+        self.fired: set[asyncio.Task[Any]] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, task: asyncio.Task[Any], deadline: float) -> None:
+        self.waiting[task] = deadline
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.tick_s, self._tick)
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        """Whether the watch cancelled `task` (once: it forgets it)."""
+        if task in self.fired:
+            self.fired.discard(task)
+            return True
+        return False
+
+    def _tick(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        for task, deadline in list(self.waiting.items()):
+            if deadline <= now:
+                del self.waiting[task]
+                self.fired.add(task)
+                task.cancel()
+        if self.waiting:
+            self.timer = self.loop.call_later(self.tick_s, self._tick)
+
+
+class BodyRules:
     """413 for a body over `limit` bytes: by Content-Length up front, else while streaming;
     408 for a body whose next part takes over `timeout_s` to arrive (a slow client must
-    not hold a request, and its connection, open indefinitely)."""
+    not hold a request, and its connection, open indefinitely). Applied by
+    BodyLimitMiddleware, and inline by /rank's fast path (service/http/inline_rank.py)."""
+
+    def __init__(self, limit: int, timeout_s: float = 10.0) -> None:
+        self.limit = limit
+        self.timeout_s = timeout_s
+        # a part is refused between timeout_s and timeout_s + tick after its read began
+        self.tick_s = min(1.0, timeout_s / 4)
+        self._watch: _BodyWatch | None = None
+
+    def refusal(self, scope: Scope) -> tuple[int, dict[str, Any]] | None:
+        """The answer to a request refused by its Content-Length, before its body is read."""
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                if not value.isdigit():
+                    return 400, {"detail": "invalid Content-Length", "error": "content-length"}
+                if int(value) > self.limit:
+                    detail = f"request body exceeds {self.limit} bytes"
+                    return 413, {"detail": detail, "error": f"body: {detail}"}
+        return None
+
+    async def next_part(self, receive: Receive, received: int) -> tuple[Message, int]:
+        """The next message of a body, and the body's bytes so far with it; raises
+        BodyTimeout or BodyTooLarge."""
+        loop = asyncio.get_running_loop()
+        watch = self._watch
+        if watch is None or watch.loop is not loop:
+            watch = self._watch = _BodyWatch(loop, self.tick_s)
+        task = asyncio.current_task()
+        assert task is not None  # an ASGI app runs in a task
+        watch.add(task, loop.time() + self.timeout_s)
+        try:
+            message = await receive()
+        except asyncio.CancelledError:
+            if watch.expired(task):
+                task.uncancel()
+                raise BodyTimeout(self.timeout_s) from None
+            raise
+        finally:
+            watch.waiting.pop(task, None)
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLarge(self.limit)
+        return message, received
+
+    async def read(self, receive: Receive) -> bytes:
+        """The whole body (what Starlette's `Request.body()` returns), within the rules;
+        ClientDisconnect when the client leaves first."""
+        parts: list[bytes] = []
+        received = 0
+        while True:
+            message, received = await self.next_part(receive, received)
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            parts.append(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class BodyLimitMiddleware:
+    """BodyRules around any app: the Content-Length refusals answered here, the streaming
+    limit and the deadline applied to each `receive` of the body."""
 
     def __init__(self, app: ASGIApp, limit: int, timeout_s: float = 10.0) -> None:
         self.app = app
-        self.limit = limit
-        self.timeout_s = timeout_s
+        self.rules = BodyRules(limit, timeout_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                if not value.isdigit():
-                    await _send_json(
-                        send, 400, {"detail": "invalid Content-Length", "error": "content-length"}
-                    )
-                    return
-                if int(value) > self.limit:
-                    detail = f"request body exceeds {self.limit} bytes"
-                    await _send_json(send, 413, {"detail": detail, "error": f"body: {detail}"})
-                    return
+        refused = self.rules.refusal(scope)
+        if refused is not None:
+            await send_json(send, *refused)
+            return
         received = 0
-        limit, timeout_s = self.limit, self.timeout_s
+        rules = self.rules
         complete = False
 
         async def limited() -> Message:
             nonlocal received, complete
             if complete:  # after the body: e.g. waiting for a disconnect, not timed
                 return await receive()
-            try:
-                async with asyncio.timeout(timeout_s):
-                    message = await receive()
-            except TimeoutError:
-                raise BodyTimeout(timeout_s) from None
+            message, received = await rules.next_part(receive, received)
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge(limit)
                 complete = not message.get("more_body", False)
             return message
 
@@ -243,17 +333,24 @@ class RequestMetricsMiddleware:
         except ClientDisconnect:
             status = CLIENT_CLOSED  # nothing can be sent; nothing went wrong here
         finally:
-            route = path if path in COUNTED_ROUTES else _template(path)
-            self.metrics.count_response(route, status)
-            if path == "/rank":
-                if status == 200:
-                    degraded = (scope.get("state") or {}).get("degraded")
-                    outcome = "degraded" if degraded else "ok"
-                elif status == 503:
-                    outcome = "rejected"
-                else:
-                    outcome = "error"
-                version = (scope.get("state") or {}).get("model_version")
-                # the client's wait: to the answer's send, not to the bookkeeping after it
-                done = sent or time.perf_counter()
-                self.metrics.observe_request(outcome, version, done - t0)
+            record_request(self.metrics, path, status, scope.get("state") or {}, t0, sent)
+
+
+def record_request(
+    metrics: Metrics, path: str, status: int, state: Mapping[str, Any], t0: float, sent: float
+) -> None:
+    """A counted request's metrics, once it is answered (`sent`: when its answer's last
+    bytes went to the transport, 0 when none did): by RequestMetricsMiddleware, and by
+    /rank's fast path (service/http/inline_rank.py)."""
+    route = path if path in COUNTED_ROUTES else _template(path)
+    metrics.count_response(route, status)
+    if path == "/rank":
+        if status == 200:
+            outcome = "degraded" if state.get("degraded") else "ok"
+        elif status == 503:
+            outcome = "rejected"
+        else:
+            outcome = "error"
+        # the client's wait: to the answer's send, not to the bookkeeping after it
+        done = sent or time.perf_counter()
+        metrics.observe_request(outcome, state.get("model_version"), done - t0)

@@ -7,7 +7,9 @@ from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel
+from starlette.datastructures import State
 from starlette.responses import PlainTextResponse, Response
+from starlette.types import Scope
 
 from ifa_common.manifest import ArtifactError, ArtifactMissing
 from service.engine.registry import ModelNotReady, NoRollout
@@ -19,7 +21,7 @@ from service.http.deps import (
     ForgetDep,
     MetricsDep,
     SettingsDep,
-    get_rank,
+    started,
 )
 from service.http.middleware import (
     ARRIVED,
@@ -45,7 +47,7 @@ from service.http.rank_body import parse_rank_body
 from service.settings import Settings
 from service.store.redis_store import IdempotencyConflict, StoreUnavailable
 from service.usecases.admin import rollout_spec
-from service.usecases.rank import Overloaded
+from service.usecases.rank import Overloaded, RankUseCase
 
 ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     408: {"model": ErrorBody, "description": "body not received within IFA_BODY_TIMEOUT_S"},
@@ -97,16 +99,22 @@ def _unavailable(detail: str, retry_after_s: int) -> JSONResponse:
     openapi_extra=RANK_BODY_DOC,
 )
 async def rank(request: Request) -> Response:
-    # The hot path reads the body itself (one pydantic-core pass, see parse_rank_body) and
-    # takes its objects from app.state: no dependency resolution per request.
-    state = request.app.state
-    use_case = await get_rank(request)
+    return await answer_rank(request.app.state, request.scope, await request.body())
+
+
+async def answer_rank(state: State, scope: Scope, raw: bytes) -> Response:
+    """POST /rank's answer to its raw body: the route's, and the fast path's
+    (service/http/inline_rank.py). What the metrics read of it goes in the scope's state."""
+    # One pydantic-core pass over the body (see parse_rank_body); the serving objects come
+    # from app.state: no dependency resolution per request.
+    use_case: RankUseCase = started(state, "rank")
     settings: Settings = state.settings
-    body, items = parse_rank_body(await request.body())
+    body, items = parse_rank_body(raw)
     if len(items) > settings.max_candidates:
         raise validation_error(
             "candidates", f"at most {settings.max_candidates} candidates", "too_long"
         )
+    notes = scope.setdefault("state", {})
     try:
         result = await use_case.rank(
             body.user_id,
@@ -114,18 +122,18 @@ async def rank(request: Request) -> Response:
             body.top_k,
             body.budget_ms,
             body.request_id,
-            arrived=request.scope.get("state", {}).get(ARRIVED),
+            arrived=notes.get(ARRIVED),
         )
     except Overloaded as e:
-        request.state.model_version = e.version
+        notes["model_version"] = e.version
         return _unavailable(str(e), e.retry_after_s)
     except ModelNotReady as e:
         return _unavailable(str(e), e.retry_after_s)
     t = time.perf_counter()
     payload = rank_answer(result)
     result.timings.serialize = (time.perf_counter() - t) * 1e3
-    request.state.degraded = result.degraded
-    request.state.model_version = result.model_version
+    notes["degraded"] = result.degraded
+    notes["model_version"] = result.model_version
 
     def account() -> None:  # once the answer is sent
         use_case.answered(result.context)
