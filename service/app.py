@@ -373,19 +373,20 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.shutting_down = False
     install_error_handlers(app)
     app.include_router(router)
+
     # The last is the outermost: metrics see every answer, 413s included.
-    draining = lambda: bool(app.state.shutting_down)  # noqa: E731
+    def draining() -> bool:
+        return bool(app.state.shutting_down)
+
+    body_rules = BodyRules(settings.max_body_bytes, settings.body_timeout_s)
     ours = [
         Middleware(DrainMiddleware, draining=draining),
-        Middleware(
-            BodyLimitMiddleware, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s
-        ),
+        Middleware(BodyLimitMiddleware, rules=body_rules),
         Middleware(RequestMetricsMiddleware, metrics=metrics),
     ]
     for m in ours:
         app.add_middleware(m.cls, *m.args, **m.kwargs)
     # POST /rank: the same rules in one coroutine, no router (service/http/inline_rank.py)
-    body_rules = BodyRules(settings.max_body_bytes, settings.body_timeout_s)
     app.fast = InlineRank(app.state, metrics, body_rules, draining)
     return app
 

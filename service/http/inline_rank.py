@@ -16,7 +16,7 @@ the same rules are called in line, from where they are defined:
   (RouteErrors); anything else propagates, and uvicorn answers 500 as before.
 
 The answers, their headers and the metrics are the ones the middleware stack gives
-(tests/service/test_inline_rank.py compares the two).
+(tests/service/test_fast_path.py compares the two).
 """
 
 from __future__ import annotations

@@ -262,11 +262,12 @@ class BodyRules:
 
 class BodyLimitMiddleware:
     """BodyRules around any app: the Content-Length refusals answered here, the streaming
-    limit and the deadline applied to each `receive` of the body."""
+    limit and the deadline applied to each `receive` of the body. create_app passes the
+    same rules to /rank's fast path, so both keep their deadlines on one watch."""
 
-    def __init__(self, app: ASGIApp, limit: int, timeout_s: float = 10.0) -> None:
+    def __init__(self, app: ASGIApp, rules: BodyRules) -> None:
         self.app = app
-        self.rules = BodyRules(limit, timeout_s)
+        self.rules = rules
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -19,6 +19,7 @@ from service.engine.pool import InferencePool
 from service.http.middleware import (
     ARRIVED,
     BodyLimitMiddleware,
+    BodyRules,
     RequestMetricsMiddleware,
     install_error_handlers,
 )
@@ -41,7 +42,7 @@ def bare_app(metrics: Metrics, limit: int = 64) -> FastAPI:
         return Response(b"{}", media_type="application/json")
 
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, limit=limit)
+    app.add_middleware(BodyLimitMiddleware, rules=BodyRules(limit))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
 
