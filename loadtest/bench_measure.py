@@ -75,10 +75,12 @@ class Loader:
         return out
 
 
-def inprocess_scorer(artifacts: str, m: int, items: int) -> Callable[[], float]:
-    """A closure timing the served artifact's scorer in this process (median ms of 64
-    calls at M = m, fresh candidates each): the overhead ratio's denominator, taken
-    between the HTTP runs so that it sees the machine in the same state as they do."""
+def inprocess_scorer(artifacts: str, m: int, items: int) -> Callable[[], list[float]]:
+    """A closure timing the served artifact's scorer in this process: 64 calls at M = m,
+    fresh candidates each, ms per call. The overhead ratio's denominator, taken right
+    before and right after each c = 1 /rank run (`scorer_median`) so that it sees the
+    machine in the same state as the run does: one block of 64 calls lasts about 25 ms,
+    and on this box one block has read 25 % slower than the next."""
     from loadtest.microbench import _events
     from service.engine.runtime import ModelRuntime
 
@@ -87,7 +89,7 @@ def inprocess_scorer(artifacts: str, m: int, items: int) -> Callable[[], float]:
     rng = np.random.default_rng(3)
     sets = [rng.integers(0, items, m) for _ in range(32)]  # new candidates each call, as served
 
-    def measure() -> float:
+    def measure() -> list[float]:
         for cands in sets[:5]:
             rt.score(state, cands)
         times = []
@@ -95,9 +97,19 @@ def inprocess_scorer(artifacts: str, m: int, items: int) -> Callable[[], float]:
             t0 = time.perf_counter()
             rt.score(state, sets[i % len(sets)])
             times.append((time.perf_counter() - t0) * 1e3)
-        return float(statistics.median(times))
+        return times
 
     return measure
+
+
+def scorer_median(before: list[float], after: list[float]) -> dict[str, float]:
+    """The scorer's figures for one run from the blocks timed either side of it: the
+    median over both (the ratio's term) and each block's own median."""
+    return {
+        "inprocess_score_ms": float(statistics.median(before + after)),
+        "inprocess_score_before_ms": float(statistics.median(before)),
+        "inprocess_score_after_ms": float(statistics.median(after)),
+    }
 
 
 def metric_families(base_url: str) -> list[Any]:
@@ -162,6 +174,8 @@ def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "client_cpu_us_per_req",
         "redis_cpu_ms_per_req",
         "inprocess_score_ms",
+        "inprocess_score_before_ms",
+        "inprocess_score_after_ms",
         "connections_moved",
         "connections_passed",
     ):

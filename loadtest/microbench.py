@@ -3,7 +3,8 @@
     python -m loadtest.microbench [--quick] [--artifacts DIR]
 
 `run_microbench(quick)` returns a dict (every figure in ms, median of repeats after a
-warm-up): build_state at N = 1k/10k/100k, score at M = 100/500/1000, the refresh of a
+warm-up): build_state at N = 1k/10k/100k, score at M = 1/100/500/1000 (at M = 1 and 500
+also on a cold core: every cache emptied before each call), the refresh of a
 cached state with 100 new events (build + fold), the state's size, and the PyTorch
 `softmax_full` forward at the same N with M = 500 and the same dims, plus the ratios
 softmax_full / ifa warm (score only) and / ifa cold (build_state(100k) + score).
@@ -33,7 +34,12 @@ from ifa_common.records import make_events
 from service.engine.runtime import ModelRuntime
 
 BUILD_SIZES = (1_000, 10_000, 100_000)
-SCORE_SIZES = (100, 500, 1_000)
+SCORE_SIZES = (1, 100, 500, 1_000)
+EVICTED_SIZES = (1, 500)
+# Written before each call of `_evicted_ms`: twice the reference box's L3 (32 MiB), so
+# that the call finds none of its code or data in any cache, as a request does after the
+# vCPU has idled and the host has run something else on its core (docs/performance.md).
+EVICT_BYTES: Final = 64 << 20
 REF_N, REF_M = 100_000, 500
 T0 = 1_700_000_000
 
@@ -54,6 +60,18 @@ def _measure(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[floa
 
 def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     return _measure(fn, repeats, warmup)[0]
+
+
+def _evicted_ms(fn: Callable[[], Any], repeats: int) -> float:
+    """fn's median ms when every cache level was emptied before each call."""
+    buf = np.zeros(EVICT_BYTES // 8)
+    times = []
+    for _ in range(repeats):
+        buf[::8] += 1.0  # one write per 64-byte line evicts it from every level
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
 
 
 def _events(n: int, seed: int = 0) -> np.ndarray:
@@ -185,6 +203,10 @@ def run_microbench(quick: bool, artifacts_dir: str | Path | None = "artifacts") 
         for m, c in cands.items():
             score[str(m)], score_cpu[str(m)] = _measure(partial(rt.score, state, c), repeats * 5)
         out["score_ms"], out["score_cpu_ms"] = score, score_cpu
+        out["score_evicted_ms"] = {
+            str(m): _evicted_ms(partial(rt.score, state, cands[m]), repeats * 5)
+            for m in EVICTED_SIZES
+        }
         out["score_batch"] = _batch_vs_separate(rt, state, rng, repeats)
         new = _events(100, seed=7)
         new["ts"] += 3 * 365 * 86_400  # the new tail comes after the cached history

@@ -38,6 +38,7 @@ def inprocess_figures(ip: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     build = _series(ip.get("build_state_ms"))
     score = _series(ip.get("score_ms"))
+    evicted = _series(ip.get("score_evicted_ms"))
     # softmax_full is timed at the reference point (N = 100k, M = 500): one point on the
     # score-vs-M axis.
     ref = ip.get("softmax_full_ms_100k_500")
@@ -47,6 +48,8 @@ def inprocess_figures(ip: dict[str, Any]) -> dict[str, Any]:
     if score:
         out["score_ms"] = score
         out["score_ms_500"] = score.get(500)
+    if evicted:
+        out["score_evicted_ms"] = evicted
     if soft:
         out["softmax_full_ms"] = soft
     if isinstance(ip.get("score_batch"), dict):
@@ -279,6 +282,7 @@ def markdown(rep: dict[str, Any]) -> str:
         for header, key in (
             ("build_state N", "build_state_ms"),
             ("score M", "score_ms"),
+            ("score on a cold core (every cache emptied before each call) M", "score_evicted_ms"),
             ("softmax_full (torch, N=100k) M", "softmax_full_ms"),
         ):
             lines += _ms_table(header, ip.get(key) or {})

@@ -5,9 +5,9 @@ export contract (`ifa_common.graphs`)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import onnxruntime as ort
 
@@ -52,6 +52,33 @@ def open_session(
             raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {e}") from e
         log.warning("CUDA session for %s failed (%s); falling back to CPU", path.name, e)
         return open_session(path, options, [CPU])
+
+
+Runner = Callable[[Sequence[str], Mapping[str, Any]], list[Any]]
+
+
+def runner(sess: ort.InferenceSession) -> Runner:
+    """`sess.run` for a session whose inputs `check_io` has held to the contract.
+
+    `InferenceSession.run` checks each call's feed in Python before ONNX Runtime's C++
+    checks it again (names, types and shapes): a graph-capture check, a pass over the
+    graph's inputs reading two attributes of each, and one over the fed values. For the
+    scorer's seven inputs that is 4-5 µs a call with warm caches and about 15 µs on a core
+    whose caches were evicted, as they are after the vCPU idles here (docs/performance.md,
+    "a cold core"). A CPU session is run through the compiled method directly; a CUDA
+    session keeps the wrapper, which holds ORT's fallback to CPU when the provider fails
+    mid-run. So does a build of ORT without the compiled session where this expects it."""
+    compiled = getattr(sess, "_sess", None)
+    direct = getattr(compiled, "run", None)
+    if direct is None or CUDA in sess.get_providers():
+        public: Runner = sess.run
+        return public
+
+    def run(output_names: Sequence[str], feeds: Mapping[str, Any]) -> list[Any]:
+        out: list[Any] = direct(output_names, feeds, None)
+        return out
+
+    return run
 
 
 def check_io(

@@ -44,7 +44,14 @@ from ifa_common.manifest import (
 from ifa_common.records import EVENT_DTYPE
 from ifa_common.state import UserState, deserialize, fold, serialize
 from service.engine.cost import Warmup
-from service.engine.ort_session import CUDA, check_io, open_session, providers, session_options
+from service.engine.ort_session import (
+    CUDA,
+    check_io,
+    open_session,
+    providers,
+    runner,
+    session_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +88,8 @@ class ModelRuntime:
         self._item_buckets = int(dims["item_buckets"])
         self._category_buckets = int(dims["category_buckets"])
         self._action_buckets = int(dims["action_buckets"])
-        self._state = state_session
-        self._scorer = scorer_session
+        self._run_state = runner(state_session)
+        self._run_scorer = runner(scorer_session)
         self._items = ItemTable(item_ids, item_categories)
         self._chunk = max(1, int(chunk_events))
         self.providers: list[str] = list(scorer_session.get_providers())
@@ -189,7 +196,7 @@ class ModelRuntime:
             "action": hashing.action_bucket(events["action"], self._action_buckets),
             "ts": np.ascontiguousarray(events["ts"], dtype=np.int64),
         }
-        S, z, m, t_ref = self._state.run(None, feeds)
+        S, z, m, t_ref = self._run_state(STATE_OUTPUTS, feeds)
         return UserState(S=S, z=z, m=m, t_ref=int(t_ref), n=int(events.shape[0]))
 
     def fold(self, state: UserState, partial: UserState) -> UserState:
@@ -227,7 +234,7 @@ class ModelRuntime:
             "category": cat_b[None],
             "mask": np.ones((1, m), np.bool_),
         }
-        (logits,) = self._scorer.run(SCORER_OUTPUTS, feeds)
+        (logits,) = self._run_scorer(SCORER_OUTPUTS, feeds)
         out: np.ndarray = logits[0]
         return out
 
@@ -261,7 +268,7 @@ class ModelRuntime:
             "category": cat_b,
             "mask": mask,
         }
-        (logits,) = self._scorer.run(SCORER_OUTPUTS, feeds)
+        (logits,) = self._run_scorer(SCORER_OUTPUTS, feeds)
         return [logits[row, :size] for row, size in enumerate(sizes)]
 
     # ------------------------------------------------------------------ warm-up

@@ -18,7 +18,8 @@ from service.store.redis_store import seq_key
 
 MICRO = {
     "build_state_ms": {"1000": 0.2, "10000": 1.5, "100000": 15.0},
-    "score_ms": {"100": 0.3, "500": 0.8, "1000": 1.4},
+    "score_ms": {"1": 0.05, "100": 0.3, "500": 0.8, "1000": 1.4},
+    "score_evicted_ms": {"1": 0.2, "500": 1.0},
     "fold_100_ms": 0.1,
     "state_bytes": 1400,
     "softmax_full_ms": {"100000": 2000.0},
@@ -68,6 +69,19 @@ def test_derive_computes_overhead_and_every_target() -> None:
     assert all({"name", "value", "target", "ok"} <= set(t) for t in d["targets"])
     md = report.markdown({**rep, "derived": d, "mode": "quick", "command": "ifa-rank bench"})
     assert "| rank_warm | 8 |" in md and "Overhead ratio" in md and "| build_state N |" in md
+    cold_core = md[md.index("| score on a cold core") :].splitlines()
+    assert cold_core[0].endswith("| 1 | 500 |") and cold_core[2] == "| ms | 0.200 | 1.000 |"
+
+
+def test_a_call_after_the_caches_are_emptied_is_timed_alone() -> None:
+    """`_evicted_ms` times the call, not the eviction before it: a call that does nothing
+    takes far less than writing the 64 MiB buffer does."""
+    from loadtest.microbench import EVICT_BYTES, _evicted_ms
+
+    assert EVICT_BYTES >= 2 * 32 << 20  # twice the reference box's L3
+    nothing = _evicted_ms(lambda: None, 5)
+    evict = _evicted_ms(lambda: bytearray(EVICT_BYTES), 5)  # a call that writes as much
+    assert 0 < nothing < evict / 10
 
 
 def test_the_two_worker_rate_at_16_connections_is_judged_against_its_rate_at_1() -> None:
@@ -170,9 +184,12 @@ def test_tiny_end_to_end_bench_writes_the_contracted_report(
     assert 0.0 <= rep["machine"]["steal_pct"] <= 100.0
     assert http["cold"]["requests"] == 2 and http["cold"]["errors"] == 0
     assert http["refresh_100"]["requests"] == 2
-    # the ratio's scorer time is taken in the bench process between the c=1 runs
+    # the ratio's scorer time is taken in the bench process either side of each c=1 run
     score_ms = http["load"]["rank_warm_c1"]["inprocess_score_ms"]
     assert score_ms > 0 and rep["derived"]["overhead_terms_ms"]["inprocess_score_m500"] == score_ms
+    for run in http["load"]["rank_warm_c1"]["runs"]:
+        sides = (run["inprocess_score_before_ms"], run["inprocess_score_after_ms"])
+        assert min(sides) <= run["inprocess_score_ms"] <= max(sides)
     split = rep["derived"]["time_split_ms"]  # the service's histograms over the c=1 runs
     assert 0 < split["stage_score"] < split["app_mean"] < split["client_mean"]
     cluster = http["cluster"]  # the same warm runs on a Redis Cluster, interleaved

@@ -307,6 +307,51 @@ def test_load_latest_providers_and_warmup(rt: ModelRuntime) -> None:
     assert warm.chunk_events == latest._chunk
 
 
+def test_cpu_sessions_run_without_the_python_wrapper(rt: ModelRuntime) -> None:
+    """`runner` calls a CPU session's compiled run: the same outputs, bit for bit, as
+    `InferenceSession.run`, and a feed ORT cannot run is still refused (by its C++ checks)."""
+    from ifa_common.graphs import SCORER_FILE, SCORER_OUTPUTS, STATE_FILE, STATE_OUTPUTS
+    from service.engine.ort_session import CPU, open_session, runner, session_options
+
+    opts = session_options(1)
+    scorer = open_session(rt.version_dir / SCORER_FILE, opts, [CPU])
+    state = open_session(rt.version_dir / STATE_FILE, opts, [CPU])
+    run_scorer, run_state = runner(scorer), runner(state)
+    assert run_scorer != scorer.run and run_state != state.run  # the direct path was taken
+    events = _events(300)
+    built = rt.build_state(events)
+    items = np.arange(0, 400, 7, dtype=np.int64)
+    m = items.shape[0]
+    feeds = {
+        "S": built.S[None], "z": built.z[None], "m": built.m[None],
+        "n": np.array([built.n], np.int64),
+        "item": hashing.item_bucket(items, rt.manifest["dims"]["item_buckets"])[None],
+        "category": np.ones((1, m), np.int64), "mask": np.ones((1, m), np.bool_),
+    }  # fmt: skip
+    assert np.array_equal(
+        run_scorer(SCORER_OUTPUTS, feeds)[0], scorer.run(SCORER_OUTPUTS, feeds)[0]
+    )
+    d = rt.manifest["dims"]
+    state_feeds = {
+        "item": hashing.item_bucket(events["item_id"], d["item_buckets"]),
+        "category": hashing.category_bucket(
+            np.maximum(events["category"], 0), d["category_buckets"]
+        ),
+        "action": hashing.action_bucket(events["action"], d["action_buckets"]),
+        "ts": np.ascontiguousarray(events["ts"]),
+    }
+    for a, b in zip(
+        run_state(STATE_OUTPUTS, state_feeds), state.run(None, state_feeds), strict=True
+    ):
+        assert np.array_equal(a, b)
+    with pytest.raises(Exception, match="mask"):  # a missing input, named
+        run_scorer(SCORER_OUTPUTS, {k: v for k, v in feeds.items() if k != "mask"})
+    # the runtime's own scoring: the public path's logits for its candidates
+    item_b, cat_b = rt._candidates(items)
+    public = scorer.run(SCORER_OUTPUTS, {**feeds, "item": item_b[None], "category": cat_b[None]})
+    assert np.array_equal(rt.score(built, items), public[0][0])
+
+
 def test_runtime_imports_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None; import service, service.engine.runtime; "
