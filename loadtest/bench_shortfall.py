@@ -215,13 +215,31 @@ def _explain_c1_p50(
             "sigmoid and a stable sort), which the loop leaves out, and in the server the "
             "scorer shares the core's caches with the request's other work."
         )
+    hot, cold = (_at_500(dig(d, "inprocess", k)) for k in ("score_ms", "score_evicted_ms"))
+    if hot is not None and cold is not None:
+        fig["scorer_cold_core_ms"], fig["scorer_warm_core_ms"] = cold, hot
+        text += (
+            f" On a cold core (every cache emptied before each call) the scorer took "
+            f"{_f(cold)} ms at M = 500, against {_f(hot)} ms back to back in the same "
+            "process: a vCPU that idles between requests can come back to caches that the "
+            "host's other work emptied, and the score stage falls between the two."
+        )
     if fig.get("over_ms") is not None and fig["over_ms"] > 0:
         text += (
             f" What it would take: {_f(fig['over_ms'], 3)} ms less per warm request at c=1, "
             "from the Python around the scorer (no piece of it is above a tenth of a "
-            "request: docs/performance.md)."
+            "request) or a core that stays warm between requests (docs/performance.md, "
+            '"a cold core").'
         )
     return fig, text.strip()
+
+
+def _at_500(by_m: Any) -> float | None:
+    """The M = 500 figure of a {M: ms} series: int keys, or str once read back from JSON."""
+    if not isinstance(by_m, dict):
+        return None
+    val = by_m.get(500, by_m.get("500"))
+    return float(val) if isinstance(val, int | float) else None
 
 
 def _explain_m2000(

@@ -99,6 +99,13 @@ def test_only_the_missed_targets_are_explained_each_from_its_own_run() -> None:
     # 1.5 / (0.3 + 0.55) = 1.76: the p50 may be 1.5 x 0.85 = 1.275 ms, 0.225 ms less
     assert ratio["figures"]["over_ms"] == pytest.approx(1.5 - 1.275)
     assert ratio["figures"]["scorer_excess_ms"] == pytest.approx(0.75 - 0.55)
+    assert "On a cold core" not in ratio["text"]  # no in-process figures in this report
+    # with them, the scorer on a cold core is set beside the stage
+    micro = {"score_ms": {"500": 0.5}, "score_evicted_ms": {"1": 0.2, "500": 0.8}}
+    cold = {e["key"]: e for e in derive({**rep, "inprocess": micro})["shortfalls"]}
+    figures = cold["overhead_ratio"]["figures"]
+    assert (figures["scorer_warm_core_ms"], figures["scorer_cold_core_ms"]) == (0.5, 0.8)
+    assert "the scorer took 0.80 ms at M = 500, against 0.50 ms" in cold["overhead_ratio"]["text"]
     md = report.markdown({**rep, "derived": d, "mode": "quick", "command": "x"})
     table, _, rest = md.partition("## Missed targets: where the time went, what it would take")
     assert f"| {one['name']} | 700.00 | >= 1,000 | ref.: no |" in table
