@@ -221,15 +221,17 @@ def _explain_c1_p50(
         text += (
             f" On a cold core (every cache emptied before each call) the scorer took "
             f"{_f(cold)} ms at M = 500, against {_f(hot)} ms back to back in the same "
-            "process: a vCPU that idles between requests can come back to caches that the "
-            "host's other work emptied, and the score stage falls between the two."
+            "process. Between two calls the request's other work evicts part of the "
+            "call's code and ONNX Runtime's per-node structures, and in slow phases other "
+            "tenants on the caches this vCPU shares evict more: the score stage falls "
+            "between the two."
         )
     if fig.get("over_ms") is not None and fig["over_ms"] > 0:
         text += (
             f" What it would take: {_f(fig['over_ms'], 3)} ms less per warm request at c=1, "
             "from the Python around the scorer (no piece of it is above a tenth of a "
-            "request) or a core that stays warm between requests (docs/performance.md, "
-            '"a cold core").'
+            "request), less code per scorer call (fewer ONNX Runtime nodes), or caches not "
+            'shared with other tenants (docs/performance.md, "a cold core").'
         )
     return fig, text.strip()
 

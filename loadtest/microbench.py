@@ -37,8 +37,9 @@ BUILD_SIZES = (1_000, 10_000, 100_000)
 SCORE_SIZES = (1, 100, 500, 1_000)
 EVICTED_SIZES = (1, 500)
 # Written before each call of `_evicted_ms`: twice the reference box's L3 (32 MiB), so
-# that the call finds none of its code or data in any cache, as a request does after the
-# vCPU has idled and the host has run something else on its core (docs/performance.md).
+# that the call finds none of its code or data in any cache: the bound of what a server's
+# other work, and other tenants on shared caches, can evict between two of its calls
+# (docs/performance.md, "a cold core").
 EVICT_BYTES: Final = 64 << 20
 REF_N, REF_M = 100_000, 500
 T0 = 1_700_000_000

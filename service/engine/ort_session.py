@@ -63,9 +63,9 @@ def runner(sess: ort.InferenceSession) -> Runner:
     `InferenceSession.run` checks each call's feed in Python before ONNX Runtime's C++
     checks it again (names, types and shapes): a graph-capture check, a pass over the
     graph's inputs reading two attributes of each, and one over the fed values. For the
-    scorer's seven inputs that is 4-5 µs a call with warm caches and about 15 µs on a core
-    whose caches were evicted, as they are after the vCPU idles here (docs/performance.md,
-    "a cold core"). A CPU session is run through the compiled method directly; a CUDA
+    scorer's seven inputs that is 4-5 µs a call with warm caches and about 15 µs when the
+    caches were emptied before the call, as a server's other work and other tenants
+    partly empty them between its calls (docs/performance.md, "a cold core"). A CPU session is run through the compiled method directly; a CUDA
     session keeps the wrapper, which holds ORT's fallback to CPU when the provider fails
     mid-run. So does a build of ORT without the compiled session where this expects it."""
     compiled = getattr(sess, "_sess", None)
