@@ -215,7 +215,7 @@ def _explain_c1_p50(
             "sigmoid and a stable sort), which the loop leaves out, and in the server the "
             "scorer shares the core's caches with the request's other work."
         )
-    hot, cold = (_at_500(dig(d, "inprocess", k)) for k in ("score_ms", "score_evicted_ms"))
+    hot, cold = (_at_m(dig(d, "inprocess", k), 500) for k in ("score_ms", "score_evicted_ms"))
     if hot is not None and cold is not None:
         fig["scorer_cold_core_ms"], fig["scorer_warm_core_ms"] = cold, hot
         text += (
@@ -236,11 +236,11 @@ def _explain_c1_p50(
     return fig, text.strip()
 
 
-def _at_500(by_m: Any) -> float | None:
-    """The M = 500 figure of a {M: ms} series: int keys, or str once read back from JSON."""
+def _at_m(by_m: Any, m: int) -> float | None:
+    """The M = m figure of a {M: ms} series: int keys, or str once read back from JSON."""
     if not isinstance(by_m, dict):
         return None
-    val = by_m.get(500, by_m.get("500"))
+    val = by_m.get(m, by_m.get(str(m)))
     return float(val) if isinstance(val, int | float) else None
 
 
@@ -248,8 +248,7 @@ def _explain_m2000(
     rep: dict[str, Any], d: dict[str, Any], t: dict[str, Any]
 ) -> tuple[dict[str, Any], str]:
     run = dig(rep, "http", "load", "rank_warm_m2000_c1") or {}
-    by_m = dig(d, "inprocess", "score_ms") or {}
-    score = by_m.get(2000, by_m.get("2000"))  # int keys, or str once read back from JSON
+    score = _at_m(dig(d, "inprocess", "score_ms"), 2000)
     fig = {
         "p50_ms": run.get("p50_ms"),
         "p99_ms": run.get("p99_ms"),

@@ -45,13 +45,21 @@ REF_N, REF_M = 100_000, 500
 T0 = 1_700_000_000
 
 
-def _measure(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, float]:
+def _measure(
+    fn: Callable[[], Any],
+    repeats: int,
+    warmup: int = 1,
+    before: Callable[[], Any] | None = None,
+) -> tuple[float, float]:
     """(wall ms, process CPU ms), medians. CPU time is the figure to trust on a shared
-    box: other processes stretch wall time but not the CPU this work needs."""
+    box: other processes stretch wall time but not the CPU this work needs. `before`
+    runs ahead of each timed call, outside its time."""
     for _ in range(warmup):
         fn()
     wall, cpu = [], []
     for _ in range(repeats):
+        if before is not None:
+            before()
         c0, t0 = time.process_time(), time.perf_counter()
         fn()
         wall.append((time.perf_counter() - t0) * 1e3)
@@ -59,20 +67,23 @@ def _measure(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[floa
     return float(np.median(wall)), float(np.median(cpu))
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    return _measure(fn, repeats, warmup)[0]
+def _median_ms(
+    fn: Callable[[], Any],
+    repeats: int,
+    warmup: int = 1,
+    before: Callable[[], Any] | None = None,
+) -> float:
+    return _measure(fn, repeats, warmup, before)[0]
 
 
 def _evicted_ms(fn: Callable[[], Any], repeats: int) -> float:
     """fn's median ms when every cache level was emptied before each call."""
     buf = np.zeros(EVICT_BYTES // 8)
-    times = []
-    for _ in range(repeats):
+
+    def evict() -> None:
         buf[::8] += 1.0  # one write per 64-byte line evicts it from every level
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+
+    return _median_ms(fn, repeats, before=evict)
 
 
 def _events(n: int, seed: int = 0) -> np.ndarray:

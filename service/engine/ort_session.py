@@ -65,9 +65,10 @@ def runner(sess: ort.InferenceSession) -> Runner:
     graph's inputs reading two attributes of each, and one over the fed values. For the
     scorer's seven inputs that is 4-5 µs a call with warm caches and about 15 µs when the
     caches were emptied before the call, as a server's other work and other tenants
-    partly empty them between its calls (docs/performance.md, "a cold core"). A CPU session is run through the compiled method directly; a CUDA
-    session keeps the wrapper, which holds ORT's fallback to CPU when the provider fails
-    mid-run. So does a build of ORT without the compiled session where this expects it."""
+    partly empty them between its calls (docs/performance.md, "a cold core"). A CPU
+    session is run through the compiled method directly; a CUDA session keeps the
+    wrapper, which holds ORT's fallback to CPU when the provider fails mid-run. So does a
+    build of ORT without the compiled session where this expects it."""
     compiled = getattr(sess, "_sess", None)
     direct = getattr(compiled, "run", None)
     if direct is None or CUDA in sess.get_providers():

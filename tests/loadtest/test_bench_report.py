@@ -73,15 +73,37 @@ def test_derive_computes_overhead_and_every_target() -> None:
     assert cold_core[0].endswith("| 1 | 500 |") and cold_core[2] == "| ms | 0.200 | 1.000 |"
 
 
-def test_a_call_after_the_caches_are_emptied_is_timed_alone() -> None:
-    """`_evicted_ms` times the call, not the eviction before it: a call that does nothing
-    takes far less than writing the 64 MiB buffer does."""
-    from loadtest.microbench import EVICT_BYTES, _evicted_ms
+def test_a_call_after_the_caches_are_emptied_is_timed_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`_evicted_ms` empties the caches before each call and times the call only: on a
+    clock that moves 2 ms per call and 1 s per eviction, it reads 2 ms."""
+    import time
 
-    assert EVICT_BYTES >= 2 * 32 << 20  # twice the reference box's L3
-    nothing = _evicted_ms(lambda: None, 5)
-    evict = _evicted_ms(lambda: bytearray(EVICT_BYTES), 5)  # a call that writes as much
-    assert 0 < nothing < evict / 10
+    from loadtest import microbench
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    calls: list[int] = []
+    evicted: list[int] = []
+    real_measure = microbench._measure
+
+    def measure(fn: Any, repeats: int, warmup: int = 1, before: Any = None) -> Any:
+        def evict() -> None:
+            before()
+            evicted.append(len(calls))
+            clock[0] += 1.0
+
+        return real_measure(fn, repeats, warmup, evict)
+
+    monkeypatch.setattr(microbench, "_measure", measure)
+
+    def call() -> None:
+        calls.append(1)
+        clock[0] += 0.002
+
+    assert microbench._evicted_ms(call, 5) == pytest.approx(2.0)
+    assert evicted == [1, 2, 3, 4, 5]  # once before each timed call (after one warm-up)
 
 
 def test_the_two_worker_rate_at_16_connections_is_judged_against_its_rate_at_1() -> None:
