@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -40,12 +40,25 @@ from loadtest.sysinfo import proc_rss_mib
 log = logging.getLogger("loadtest.bench")
 
 
+class Endpoint(Protocol):
+    """Where a service listens (a `LocalService`, or a test's own server)."""
+
+    host: str
+    port: int
+
+
 # ---------------------------------------------------------------------- HTTP bench
 def open_loop(
-    svc: LocalService, plan: BenchPlan, bodies: list[bytes | None], load: dict[str, Any]
+    svc: Endpoint, plan: BenchPlan, bodies: list[bytes | None], load: dict[str, Any]
 ) -> dict[str, Any]:
-    """Warm /rank at fixed arrival rates (fractions of the best closed-loop rate), latency
-    from each request's intended send time: the tail a closed loop hides."""
+    """Warm /rank at fixed arrival rates, latency from each request's intended send time:
+    the tail a closed loop hides.
+
+    The rates are fractions of the lower of two saturated rates: wrk's best closed-loop
+    rate, and what the service answers beside this generator when offered more than it
+    can take (`ceiling`). The generator is Python on the same box and costs several times
+    wrk's CPU per request, so wrk's rate is more than the service can do beside it: 80 %
+    of it was within a few percent of what the box could answer (docs/performance.md)."""
     saturated = max(
         (v.get("rps") or 0.0 for k, v in load.items() if k.startswith("rank_warm_c")),
         default=0.0,
@@ -58,22 +71,37 @@ def open_loop(
         for b in bodies
         if b is not None
     ]
-    for frac in plan.open_loop_fractions:
-        rate = frac * saturated
-        r = openloop.run_open_loop(
+
+    def run(rate: float, connections: int) -> dict[str, Any]:
+        return openloop.run_open_loop(
             svc.host,
             svc.port,
             reqs,
             rate=rate,
             duration_s=plan.duration_s,
             warmup_s=plan.warmup_s,
-            connections=plan.open_loop_connections,
+            connections=connections,
         ).summary()
+
+    ceiling = run(plan.open_loop_ceiling_offer * saturated, plan.open_loop_ceiling_connections)
+    reference = openloop.reference_rate(saturated, ceiling["served_rps"])
+    out.update(ceiling=ceiling, ceiling_rps=ceiling["served_rps"], reference_rps=reference)
+    log.info(
+        "open loop ceiling: offered %.0f req/s over %d connections, answered %.0f req/s "
+        "(wrk's closed loop: %.0f); fractions of %.0f",
+        ceiling["target_rps"],
+        plan.open_loop_ceiling_connections,
+        ceiling["served_rps"],
+        saturated,
+        reference,
+    )
+    for frac in plan.open_loop_fractions:
+        r = run(frac * reference, plan.open_loop_connections)
         out["runs"][f"{frac:g}"] = r
         log.info(
             "open loop %3.0f%% (%.0f req/s): p50 %.2f ms  p99 %.2f ms  achieved %.0f  errors %d",
             100 * frac,
-            rate,
+            r["target_rps"],
             r["p50_ms"],
             r["p99_ms"],
             r["rps"],

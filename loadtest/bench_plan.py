@@ -24,9 +24,13 @@ class BenchPlan:
     items: int = 20_000
     concurrency: tuple[int, ...] = (1, 2, 8, 16)
     healthz_concurrency: tuple[int, ...] = (1, 8)  # the baseline and the generator's ceiling
-    # open loop: fixed arrival rates as fractions of the saturated closed-loop rate
+    # open loop: fixed arrival rates as fractions of the saturated rate, the lower of
+    # wrk's and the one answered beside the open-loop generator when it offers
+    # `open_loop_ceiling_offer` times wrk's rate over `open_loop_ceiling_connections`
     open_loop_fractions: tuple[float, ...] = (0.5, 0.8, 1.0)
     open_loop_connections: int = 64
+    open_loop_ceiling_offer: float = 1.5
+    open_loop_ceiling_connections: int = 16
     # the same warm runs against several worker processes (`serve --workers N`)
     worker_counts: tuple[int, ...] = (2,)
     worker_concurrency: tuple[int, ...] = (1, 8, 16)

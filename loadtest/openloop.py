@@ -92,6 +92,8 @@ class _OpenRun:
         self.drained = asyncio.Event()  # set whenever nothing is outstanding
         self.first_intended = 0
         self.last_done = 0
+        self.served_after_warmup = 0  # 2xx answers that came after the warm-up, whenever due
+        self.last_served = 0
 
     def submit(self, intended_ns: int, req: bytes) -> None:
         self.open += 1
@@ -117,6 +119,9 @@ class _OpenRun:
         self.open -= 1
         if self.open == 0:
             self.drained.set()
+        if ok and 200 <= status < 300 and now >= self.warmup_end_ns:
+            self.served_after_warmup += 1
+            self.last_served = now
         if intended_ns < self.warmup_end_ns:
             return
         self.status_counts[status] = self.status_counts.get(status, 0) + 1
@@ -176,6 +181,9 @@ async def run_open_loop_async(
     lat = np.asarray(run.latencies_ns, dtype=np.float64) / 1e6
     window_ns = max(run.last_done - run.first_intended, 1)
     late = np.asarray(lateness, dtype=np.float64) / 1e6
+    # answers per second once warm, whenever they were due: the service's throughput
+    # (above capacity `rps` reads less, its window opening at the warm-up's backlog)
+    served_s = (run.last_served - run.warmup_end_ns) / 1e9
     return LoadResult(
         tool="openloop",
         concurrency=connections,
@@ -189,8 +197,20 @@ async def run_open_loop_async(
             "unanswered": unanswered,
             "client_late_ms_p99": float(np.percentile(late, 99)) if late.size else 0.0,
             "client_cpu_us_per_req": 1e6 * cpu / max(sent, 1),
+            "served_rps": run.served_after_warmup / served_s if served_s > 0 else 0.0,
         },
     )
+
+
+def reference_rate(closed_rps: float, beside_rps: float) -> float:
+    """The saturated rate an open loop's fractions are taken of: the lower of a closed
+    loop's (wrk's) and what the service answered beside this generator when offered more
+    than it could take. On a shared box the generator's own CPU lowers what the service
+    can do; a fraction of wrk's rate alone can be the service's whole capacity beside it.
+    A ceiling that answered nothing leaves wrk's rate."""
+    if beside_rps <= 0:
+        return closed_rps
+    return min(closed_rps, beside_rps)
 
 
 def run_open_loop(

@@ -178,7 +178,9 @@ def markdown(rep: dict[str, Any]) -> str:
                 "",
                 "Open loop (fixed arrival rate, latency from the intended send time, "
                 f"{next(iter(ol['runs'].values())).get('concurrency')} connections; "
-                f"saturated closed-loop rate {fmt(ol.get('saturated_rps'), 0)} req/s):",
+                f"saturated closed-loop rate {fmt(ol.get('saturated_rps'), 0)} req/s"
+                + _ceiling_text(ol)
+                + "):",
                 "",
                 "| load | target req/s | achieved req/s | p50 ms | p90 ms | p99 ms | max ms "
                 "| errors (of which 503) |",
@@ -422,3 +424,18 @@ def shortfall_lines(entries: list[dict[str, Any]]) -> list[str]:
                 f"{fmt(e['target'])}. {e['text']}"
             )
     return lines
+
+
+def _ceiling_text(ol: dict[str, Any]) -> str:
+    """What the open loop's generator let the service answer, when it was measured."""
+    ceiling = ol.get("ceiling")
+    if not ceiling:
+        return ""
+    shed = (ceiling.get("status") or {}).get("503", 0)
+    return (
+        f" with wrk; {fmt(ol.get('ceiling_rps'), 0)} req/s beside the open-loop generator, "
+        f"offered {fmt(ceiling.get('target_rps'), 0)} req/s over "
+        f"{ceiling.get('concurrency')} connections"
+        + (f" ({shed} shed)" if shed else "")
+        + f"; the loads are fractions of the lower, {fmt(ol.get('reference_rps'), 0)} req/s"
+    )

@@ -6,9 +6,16 @@ not: it slows down with the server)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import queue
+import threading
+from types import SimpleNamespace
 
+from loadtest import report
+from loadtest.bench_http import open_loop
+from loadtest.bench_plan import BenchPlan
 from loadtest.httpload import build_request, run_load_async
-from loadtest.openloop import run_open_loop_async
+from loadtest.openloop import reference_rate, run_open_loop_async
 
 SERVICE_S = 0.005  # capacity 200 req/s
 
@@ -60,3 +67,70 @@ def test_open_loop_counts_the_backlog_a_closed_loop_hides() -> None:
     assert over["rps"] < 0.75 * over["target_rps"]  # the server kept its own pace
     # the closed loop at 8 connections sees only 8 requests ahead of each one
     assert closed["p99_ms"] < over["p99_ms"] / 4
+
+
+def test_open_loop_throughput_above_capacity_is_the_servers_pace() -> None:
+    """Offered twice what the server can do, the answers come at the server's pace
+    (`served_rps`), while `rps`, whose window opens at the warm-up's backlog, reads less."""
+
+    async def main() -> tuple[dict[str, float], dict[str, float]]:
+        server, port = await serve_one_at_a_time()
+        reqs = [build_request("POST", "/x", b"{}", host=f"127.0.0.1:{port}")]
+        async with server:
+            over = await run_open_loop_async(
+                "127.0.0.1", port, reqs, rate=400, duration_s=1.0, warmup_s=0.5, connections=4
+            )
+            closed = await run_load_async(
+                "127.0.0.1", port, reqs, concurrency=4, duration_s=1.0, warmup_s=0.2
+            )
+        return over.summary(), closed.summary()
+
+    over, closed = asyncio.run(main())
+    assert over["served_rps"] < 0.75 * over["target_rps"]
+    assert over["rps"] < over["served_rps"]
+    # the same pace a closed loop measures on the same server
+    assert 0.7 < over["served_rps"] / closed["rps"] < 1.3
+
+
+def test_reference_rate_is_the_lower_of_the_two_saturated_rates() -> None:
+    assert reference_rate(1000.0, 800.0) == 800.0
+    assert reference_rate(1000.0, 1200.0) == 1000.0
+    assert reference_rate(1000.0, 0.0) == 1000.0  # a ceiling that answered nothing
+
+
+def test_bench_open_loop_takes_its_fractions_of_what_the_server_answered_beside_it() -> None:
+    """The bench told a closed-loop rate five times this server's capacity runs its
+    loads at fractions of what the server answered beside the open-loop generator."""
+    started: queue.Queue[tuple[asyncio.AbstractEventLoop, asyncio.Event, int]] = queue.Queue()
+
+    async def serve() -> None:
+        server, port = await serve_one_at_a_time()
+        done = asyncio.Event()
+        started.put((asyncio.get_running_loop(), done, port))
+        async with server:
+            await done.wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    loop, done, port = started.get(timeout=10)
+    plan = dataclasses.replace(
+        BenchPlan.make(quick=True, duration=1.0),
+        warmup_s=0.3,
+        open_loop_fractions=(0.5,),
+        open_loop_connections=4,
+        open_loop_ceiling_connections=4,
+    )
+    svc = SimpleNamespace(host="127.0.0.1", port=port)
+    try:
+        out = open_loop(svc, plan, [b"{}"], {"rank_warm_c16": {"rps": 1000.0}})
+    finally:
+        loop.call_soon_threadsafe(done.set)
+        thread.join(timeout=10)
+    capacity = 1 / SERVICE_S
+    assert out["saturated_rps"] == 1000.0
+    assert 0 < out["ceiling_rps"] <= 1.05 * capacity  # one request at a time, 5 ms each
+    assert out["reference_rps"] == out["ceiling_rps"]
+    half = out["runs"]["0.5"]
+    assert half["target_rps"] == 0.5 * out["reference_rps"]
+    assert half["errors"] == 0
+    assert "beside the open-loop generator" in report._ceiling_text(out)
